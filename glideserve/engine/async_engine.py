@@ -1,0 +1,181 @@
+"""AsyncEngine: the engine loop on its own thread, with asyncio streams per request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from glideserve.config import EngineConfig
+from glideserve.engine.core import EngineCore, StepStats
+from glideserve.errors import EngineStoppedError
+from glideserve.models.spec import ModelSpec
+from glideserve.outputs import EngineEvent, GenerationResult, RequestFailed
+from glideserve.params import GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load, for health pages and metrics."""
+
+    num_waiting: int
+    num_running: int
+    steps_total: int
+    last_step_s: float
+    last_batch_rows: int
+    last_batch_requests: int
+
+
+class RequestStream:
+    """Async iterator over one request's events; it ends after the result or failure."""
+
+    def __init__(self, request_id: str, params: GenerationParams):
+        self.request_id = request_id
+        self.params = params
+        self._queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> EngineEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if isinstance(event, (GenerationResult, RequestFailed)):
+            self._done = True
+        return event
+
+
+class AsyncEngine:
+    """Runs EngineCore steps on a background thread for asyncio callers.
+
+    ``add_request`` validates and enqueues at once (raising InvalidRequestError,
+    QueueFullError or EngineStoppedError before any event), and returns a
+    RequestStream of Queued / StepProgress events ending in a GenerationResult or a
+    RequestFailed. ``abort`` frees a request at the next step. ``shutdown(drain=True)``
+    stops admission and returns once every admitted request has finished.
+    """
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
+        self._listeners: list[Callable[[StepStats], None]] = []
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._stop = False
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, single_file_config: str | None = None,
+                        allow_unsafe_pickle: bool = False, **config) -> "AsyncEngine":
+        engine_config = config.pop("config", None) or EngineConfig.from_kwargs(**config)
+        return cls(EngineCore.from_pretrained(model, engine_config, single_file_config=single_file_config,
+                                              allow_unsafe_pickle=allow_unsafe_pickle))
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.core.spec
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="glideserve-engine", daemon=True)
+            self._thread.start()
+
+    async def add_request(self, params: GenerationParams, request_id: str | None = None) -> RequestStream:
+        if not self._accepting:
+            raise EngineStoppedError("the server is shutting down and accepts no new requests")
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            request = self.core.add_request(params, request_id)
+            stream = RequestStream(request.request_id, request.params)
+            self._streams[request.request_id] = (loop, stream)
+        self._wake.set()
+        return stream
+
+    async def generate(self, params: GenerationParams, request_id: str | None = None) -> AsyncIterator[EngineEvent]:
+        stream = await self.add_request(params, request_id)
+        async for event in stream:
+            yield event
+
+    async def abort(self, request_id: str) -> bool:
+        with self._lock:
+            found = self.core.abort(request_id)
+        self._wake.set()
+        return found
+
+    def stats(self) -> EngineStats:
+        last = self.core.last_step
+        sched = self.core.scheduler
+        return EngineStats(sched.num_waiting, sched.num_running, self.core.steps_total,
+                           last.duration_s if last else 0.0, last.num_rows if last else 0,
+                           last.num_requests if last else 0)
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._listeners.append(listener)
+
+    async def shutdown(self, drain: bool = True) -> None:
+        self._accepting = False
+        if not drain:
+            with self._lock:
+                for rid in list(self._streams):
+                    self.core.abort(rid)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # -- the loop thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                busy = self.core.has_unfinished()
+            if not busy:
+                if self._stop:
+                    return
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.core.step(self._lock)
+            except Exception as exc:  # a bug must not leave callers waiting forever
+                log.exception("engine step failed; failing in-flight requests")
+                events = self._fail_all(f"internal engine error: {exc}")
+            self._dispatch(events)
+            if self.core.last_step is not None:
+                for listener in self._listeners:
+                    try:
+                        listener(self.core.last_step)
+                    except Exception:
+                        log.exception("step listener failed")
+
+    def _fail_all(self, message: str) -> list[EngineEvent]:
+        with self._lock:
+            ids = list(self._streams)
+            for rid in ids:
+                self.core.abort(rid)  # frees runner state at the next step
+        return [RequestFailed(rid, "error", message) for rid in ids]
+
+    def _dispatch(self, events: list[EngineEvent]) -> None:
+        for event in events:
+            with self._lock:
+                entry = self._streams.get(event.request_id)
+                if entry is not None and isinstance(event, (GenerationResult, RequestFailed)):
+                    del self._streams[event.request_id]
+            if entry is not None:
+                loop, stream = entry
+                try:
+                    loop.call_soon_threadsafe(stream._queue.put_nowait, event)
+                except RuntimeError:  # the caller's event loop has closed
+                    pass
+

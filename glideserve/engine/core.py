@@ -1,0 +1,128 @@
+"""EngineCore: one step = schedule, execute, update. Not thread-safe by itself."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from glideserve.config import EngineConfig
+from glideserve.models.loading import load_pipeline, serving_defaults, spec_from_pipeline
+from glideserve.models.spec import ModelSpec
+from glideserve.outputs import EngineEvent
+from glideserve.params import GenerationParams
+from glideserve.request import Request
+from glideserve.runner.families.base import DenoiserFamily
+from glideserve.runner.families.sd3 import SD3Family
+from glideserve.runner.families.unet import SD15Family, SDXLFamily
+from glideserve.runner.runner import ModelRunner
+from glideserve.runner.samplers import SamplerFactory
+from glideserve.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """What one engine step did, for metrics and benchmarks (seconds)."""
+
+    duration_s: float
+    num_requests: int
+    num_rows: int
+    num_new: int
+    num_waiting: int
+    num_running: int
+    timing: dict = field(default_factory=dict)
+
+
+class EngineCore:
+    """Couples a Scheduler and a ModelRunner; admits requests and runs steps.
+
+    ``add_request`` validates parameters against the model and enqueues (raising
+    GlideServeError subclasses for bad input or a full queue); ``step`` runs one
+    iteration and returns the events it produced.
+    """
+
+    def __init__(self, runner: ModelRunner, spec: ModelSpec, config: EngineConfig):
+        self.runner = runner
+        self.spec = spec
+        self.config = config
+        self.scheduler = Scheduler(config.scheduler)
+        self.last_step: StepStats | None = None
+        self.steps_total = 0
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, model: str, config: EngineConfig, *, single_file_config: str | None = None,
+                        allow_unsafe_pickle: bool = False) -> "EngineCore":
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        defaults = serving_defaults(model) if not str(model).endswith((".safetensors", ".ckpt", ".pt")) else {}
+        if "max_sequence_length" in defaults and config.max_sequence_length == EngineConfig.max_sequence_length:
+            config = _replace(config, max_sequence_length=int(defaults["max_sequence_length"]))
+        pipe = load_pipeline(model, torch_dtype=config.torch_dtype, single_file_config=single_file_config,
+                             allow_unsafe_pickle=allow_unsafe_pickle)
+        device = torch.device(config.device)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        spec = spec_from_pipeline(pipe, name=str(model), defaults=defaults)
+        family = _family(pipe, spec, device, config)
+        denoiser_config = pipe.transformer.config if spec.family == "sd3" else None
+        samplers = SamplerFactory(spec.family, pipe.scheduler, device, denoiser_config)
+        return cls(ModelRunner(family, samplers, config), spec, config)
+
+    def add_request(self, params: GenerationParams, request_id: str | None = None,
+                    arrival_time: float | None = None) -> Request:
+        resolved = params.resolve(self.spec, self.config.max_image_side)
+        rid = request_id or params.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        num_steps = self.runner.samplers.num_iterations(
+            resolved.sampler, resolved.num_inference_steps, resolved.height, resolved.width,
+            self.spec.vae_scale_factor)
+        request = Request(
+            rid, resolved, num_steps=num_steps, rows=2 if resolved.uses_cfg else 1,
+            tokens_per_row=self.spec.tokens_per_row(resolved.height, resolved.width),
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def step(self, lock: AbstractContextManager = nullcontext()) -> list[EngineEvent]:
+        """Run one iteration. ``lock`` guards scheduler state against concurrent add/abort
+        while the model runs outside it."""
+        start = time.perf_counter()
+        with lock:
+            plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        with lock:
+            events = self.scheduler.update(plan, result)
+            self._record(plan, result, time.perf_counter() - start)
+        return events
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _record(self, plan, result, duration: float) -> None:
+        self.steps_total += 1
+        self.last_step = StepStats(duration, len(plan.scheduled), plan.num_rows, len(plan.new_requests),
+                                   self.scheduler.num_waiting, self.scheduler.num_running, result.timing)
+
+
+def _family(pipe, spec: ModelSpec, device: torch.device, config: EngineConfig) -> DenoiserFamily:
+    if spec.family == "sd3":
+        return SD3Family(pipe, spec, device, config.torch_dtype, max_sequence_length=config.max_sequence_length)
+    if spec.family == "sdxl":
+        return SDXLFamily(pipe, spec, device, config.torch_dtype)
+    return SD15Family(pipe, spec, device, config.torch_dtype)
+
+
+def _replace(config: EngineConfig, **changes) -> EngineConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)

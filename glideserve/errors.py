@@ -1,0 +1,53 @@
+"""Errors a user of glideserve can act on.
+
+Every error raised for something the caller did (bad input, missing model, full
+queue) derives from :class:`GlideServeError` and carries a message that says what to
+do. The CLI prints the message without a traceback; the server maps ``http_status``
+and ``code`` onto an OpenAI-style error envelope.
+"""
+
+from __future__ import annotations
+
+
+class GlideServeError(Exception):
+    """Base class: ``message`` is meant for the end user; ``param`` names the bad field."""
+
+    http_status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(GlideServeError):
+    """A generation request has a parameter out of range or of the wrong kind."""
+
+
+class ModelLoadError(GlideServeError):
+    """A model path or name cannot be loaded (missing, not a diffusers model, unsafe file)."""
+
+    http_status = 404
+    code = "model_not_found"
+
+
+class QueueFullError(GlideServeError):
+    """The engine's waiting queue is at its bound; retry later."""
+
+    http_status = 429
+    code = "queue_full"
+
+
+class EngineStoppedError(GlideServeError):
+    """The engine is shutting down and admits no new requests."""
+
+    http_status = 503
+    code = "shutting_down"
+
+
+class RequestAbortedError(GlideServeError):
+    """The request was cancelled before it finished."""
+
+    http_status = 499
+    code = "cancelled"

@@ -1,0 +1,140 @@
+"""Resolve a model name or path and load it as a diffusers pipeline (components only).
+
+Accepted: a bundled model name (``glide-small``, ``glide-tiny``), a local diffusers
+folder (``from_pretrained``), or a single checkpoint file (``from_single_file``).
+The pipeline object is only a container of components here: the engine drives the
+denoiser, scheduler and VAE itself and never calls ``Pipeline.__call__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from glideserve.errors import ModelLoadError
+from glideserve.models.spec import ModelSpec
+
+BUNDLED_MODELS = ("glide-small", "glide-tiny")
+_PIPELINE_FAMILIES = {
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+SERVING_DEFAULTS_FILE = "serving.json"
+
+
+def bundled_model_dir(name: str) -> Path:
+    """Folder of a model shipped inside the package."""
+    return Path(str(resources.files("glideserve") / "data" / "models" / name))
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """Map a bundled name or a user path to an existing file or folder, or explain what is wrong."""
+    if name_or_path in BUNDLED_MODELS:
+        folder = bundled_model_dir(name_or_path)
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"the bundled model {name_or_path!r} is missing from this install; "
+                f"rebuild it with `glideserve train-toy --size {name_or_path.split('-')[1]}`", "model")
+        return folder
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {name_or_path!r} not found: pass a diffusers folder, a .safetensors file or one of "
+            f"{', '.join(BUNDLED_MODELS)}", "model")
+    return path
+
+
+def load_pipeline(name_or_path: str, *, torch_dtype: torch.dtype = torch.float32,
+                  single_file_config: str | None = None, allow_unsafe_pickle: bool = False):
+    """Load the pipeline's components from a bundled name, folder or checkpoint file."""
+    path = resolve_model_path(name_or_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a serving process must never reach for a hub
+    if path.is_file():
+        from glideserve.models import single_file
+
+        single_file.check_checkpoint_file(path, allow_unsafe_pickle)
+        return single_file.load_single_file(path, config=single_file_config, torch_dtype=torch_dtype)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json)", "model")
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{index} is not a valid model_index.json: {exc}", "model") from exc
+    if class_name not in _PIPELINE_FAMILIES:
+        raise ModelLoadError(
+            f"{path} holds a {class_name}; glideserve serves {', '.join(_PIPELINE_FAMILIES)}", "model")
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, class_name)
+    try:
+        # use_safetensors=True refuses pickled weights in a folder, like the single-file path does.
+        return pipeline_cls.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
+                                            local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"could not load {path} as {class_name}: {exc}", "model") from exc
+
+
+def serving_defaults(name_or_path: str) -> dict:
+    """Optional ``serving.json`` of a model folder: default steps, guidance, T5 length."""
+    path = resolve_model_path(name_or_path)
+    file = path / SERVING_DEFAULTS_FILE if path.is_dir() else None
+    if file is None or not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{file} is not valid JSON: {exc}", "model") from exc
+    allowed = {"default_steps", "default_guidance", "max_sequence_length", "default_size"}
+    return {k: v for k, v in data.items() if k in allowed}
+
+
+def pipeline_family(pipe) -> str:
+    name = type(pipe).__name__
+    if name not in _PIPELINE_FAMILIES:
+        raise ModelLoadError(f"unsupported pipeline {name}; glideserve serves {', '.join(_PIPELINE_FAMILIES)}")
+    return _PIPELINE_FAMILIES[name]
+
+
+def spec_from_pipeline(pipe, name: str, defaults: dict | None = None) -> ModelSpec:
+    """Derive the facts validation and scheduling need from a loaded pipeline's configs."""
+    from glideserve.runner.samplers import sampler_names
+
+    defaults = defaults or {}
+    family = pipeline_family(pipe)
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if family == "sd3":
+        denoiser = pipe.transformer
+        patch, steps, guidance = denoiser.config.patch_size, 28, 7.0
+        max_tokens = pipe.tokenizer.model_max_length
+    else:
+        denoiser = pipe.unet
+        patch, steps, guidance = 1, 50, (5.0 if family == "sdxl" else 7.5)
+        max_tokens = pipe.tokenizer.model_max_length
+        if denoiser.config.time_cond_proj_dim is not None:
+            raise ModelLoadError("guidance-distilled UNets (time_cond_proj_dim, e.g. LCM) are not supported yet")
+    side = denoiser.config.sample_size * vae_factor
+    if "default_size" in defaults:
+        side = int(defaults["default_size"])
+    names = sampler_names(family)
+    return ModelSpec(
+        name=name, family=family, latent_channels=denoiser.config.in_channels, vae_scale_factor=vae_factor,
+        patch_size=patch, default_height=side, default_width=side,
+        default_steps=int(defaults.get("default_steps", steps)),
+        default_guidance=float(defaults.get("default_guidance", guidance)),
+        samplers=names, default_sampler=_default_sampler(pipe, names), max_prompt_tokens=max_tokens,
+    )
+
+
+def _default_sampler(pipe, names: tuple[str, ...]) -> str:
+    from glideserve.runner.samplers import name_of_scheduler
+
+    own = name_of_scheduler(pipe.scheduler)
+    # The pipeline's own scheduler keeps results identical to the pipeline; one we do not
+    # drive (e.g. a multi-stage solver) is replaced by the family's first sampler.
+    return own if own in names else names[0]

@@ -1,0 +1,67 @@
+"""What the engine reports about a request: progress events and the final result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from glideserve.params import GenerationParams
+
+
+@dataclass
+class RequestTimings:
+    """Wall-clock seconds of a request's life, measured by the engine.
+
+    ``queued_s``: arrival to first scheduled step; ``denoise_s``: first step to last
+    step; ``decode_s``: its (batched) VAE decode; ``total_s``: arrival to image.
+    """
+
+    queued_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    steps: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class StepProgress:
+    """Emitted after each denoising step of a request (``step`` counts from 1)."""
+
+    request_id: str
+    step: int
+    total: int
+    preview: Image.Image | None = None
+
+
+@dataclass
+class Queued:
+    """Emitted while a request waits, whenever its position in the queue changes (0 = next)."""
+
+    request_id: str
+    position: int
+
+
+@dataclass
+class GenerationResult:
+    """A finished request: the image, the resolved parameters (seed included) and timings."""
+
+    request_id: str
+    image: Image.Image
+    params: GenerationParams
+    timings: RequestTimings = field(default_factory=RequestTimings)
+
+
+@dataclass
+class RequestFailed:
+    """A request that ended without an image: ``reason`` is ``"aborted"`` or ``"error"``."""
+
+    request_id: str
+    reason: str
+    message: str = ""
+
+
+EngineEvent = StepProgress | Queued | GenerationResult | RequestFailed

@@ -1,0 +1,96 @@
+"""Per-request generation parameters and their validation against a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+
+from glideserve.errors import InvalidRequestError
+from glideserve.models.spec import ModelSpec
+
+MAX_STEPS = 200
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 2000
+MAX_GUIDANCE = 100.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one image request asks for. ``None`` fields take the model's defaults.
+
+    ``resolve`` fills the defaults and validates every field, raising
+    :class:`InvalidRequestError` (never ``AssertionError``) with a message that names
+    the field and the accepted range. A resolved instance has no ``None`` left except
+    ``negative_prompt`` (``None`` keeps the pipeline's own default negative conditioning).
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    sampler: str | None = None
+    request_id: str | None = None
+
+    def resolve(self, spec: ModelSpec, max_image_side: int = 2048) -> "GenerationParams":
+        _check_prompt(self.prompt, "prompt")
+        if self.negative_prompt is not None:
+            _check_prompt(self.negative_prompt, "negative_prompt", allow_empty=True)
+        steps = spec.default_steps if self.num_inference_steps is None else self.num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise InvalidRequestError(
+                f"num_inference_steps must be an integer in 1..{MAX_STEPS}, got {steps!r}", "num_inference_steps")
+        guidance = spec.default_guidance if self.guidance_scale is None else self.guidance_scale
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+            raise InvalidRequestError(
+                f"guidance_scale must be a number in 0..{MAX_GUIDANCE:g}, got {guidance!r}", "guidance_scale")
+        seed = secrets.randbelow(2**31) if self.seed is None else self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InvalidRequestError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}", "seed")
+        height = spec.default_height if self.height is None else self.height
+        width = spec.default_width if self.width is None else self.width
+        for field, value in (("height", height), ("width", width)):
+            _check_side(field, value, spec.size_multiple, max_image_side)
+        sampler = spec.default_sampler if self.sampler is None else self.sampler
+        if sampler not in spec.samplers:
+            raise InvalidRequestError(
+                f"unknown sampler {sampler!r} for a {spec.family} model; choose one of {', '.join(spec.samplers)}",
+                "sampler")
+        return dataclasses.replace(self, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
+                                   height=height, width=width, sampler=sampler)
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Classifier-free guidance doubles the rows; guidance <= 1 runs the conditional row only."""
+        return self.guidance_scale is not None and self.guidance_scale > 1.0
+
+
+def _check_prompt(text: object, field: str, allow_empty: bool = False) -> None:
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"{field} must be a string", field)
+    if not allow_empty and not text.strip():
+        raise InvalidRequestError(f"{field} must not be empty", field)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError(
+            f"{field} is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}", field)
+
+
+def _check_side(field: str, value: object, multiple: int, max_side: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not multiple <= value <= max_side:
+        raise InvalidRequestError(f"{field} must be an integer in {multiple}..{max_side}, got {value!r}", field)
+    if value % multiple:
+        raise InvalidRequestError(
+            f"{field}={value} is not a multiple of {multiple} (the model's VAE factor x patch size); "
+            f"try {max(multiple, round(value / multiple) * multiple)}", field)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse ``"WxH"`` into ``(height, width)``; raises InvalidRequestError on anything else."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InvalidRequestError(f"size must look like 512x512 (WIDTHxHEIGHT), got {text!r}", "size")
+    width, height = (int(p) for p in parts)
+    return height, width

@@ -1,0 +1,61 @@
+"""What the runner needs from a model family: encode, draw noise, denoise, decode."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from glideserve.models.spec import ModelSpec
+from glideserve.params import GenerationParams
+from glideserve.runner.samplers import Sampler
+
+Cond = dict[str, torch.Tensor]  # conditioning tensors of one or more rows, batch dim first
+
+
+class DenoiserFamily:
+    """Adapter from one diffusers pipeline family to the runner.
+
+    It calls the pipeline's components and helper methods (``encode_prompt``, the
+    VAE, the image processor) exactly as that pipeline's ``__call__`` does, so every
+    request reproduces the pipeline, but it never calls ``__call__``: batching
+    across requests at different timesteps is the runner's job.
+    """
+
+    def __init__(self, pipe, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+        self.pipe = pipe
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+
+    def encode(self, prompts: list[str]) -> list[Cond]:
+        """One conditioning dict per prompt, each with a batch dimension of 1."""
+        raise NotImplementedError
+
+    def negative_cond(self, params: GenerationParams, positive: Cond) -> Cond | None:
+        """Conditioning for the unconditional row when it is not an encoded text, else None."""
+        return None
+
+    def row_cond(self, params: GenerationParams) -> Cond:
+        """Per-request conditioning that does not come from text (e.g. SDXL size ids), one row."""
+        return {}
+
+    def init_latents(self, params: GenerationParams, generator: torch.Generator, sampler: Sampler) -> torch.Tensor:
+        shape = (1, *self.spec.latent_shape(params.height, params.width))
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipe.vae
+        image = vae.decode(self.vae_input(latents).to(vae.dtype), return_dict=False)[0]
+        images = self.pipe.image_processor.postprocess(image, output_type="pil")
+        watermark = getattr(self.pipe, "watermark", None)
+        if watermark is not None:  # SDXL applies its watermark when the optional package is present
+            images = self.pipe.image_processor.postprocess(
+                watermark.apply_watermark(image), output_type="pil")
+        return images
