@@ -49,11 +49,27 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+def quiet_library_logging() -> None:
+    """Silence per-file loading bars and advisory warnings of diffusers/transformers.
+
+    Set GLIDESERVE_VERBOSE=1 to keep them (useful when a checkpoint fails to load).
+    """
+    if os.environ.get("GLIDESERVE_VERBOSE"):
+        return
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(name_or_path: str, *, torch_dtype: torch.dtype = torch.float32,
                   single_file_config: str | None = None, allow_unsafe_pickle: bool = False):
     """Load the pipeline's components from a bundled name, folder or checkpoint file."""
     path = resolve_model_path(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a serving process must never reach for a hub
+    quiet_library_logging()
     if path.is_file():
         from glideserve.models import single_file
 

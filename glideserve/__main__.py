@@ -1,0 +1,5 @@
+"""python -m glideserve"""
+
+from glideserve.cli import main
+
+main()
