@@ -1,0 +1,64 @@
+"""Prefill and decode as stages: batched text encoding with an LRU, bounded batched decode."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from glideserve import Engine, GenerationParams, GenerationResult
+
+
+def _counting(obj, name, calls):
+    real = getattr(obj, name)
+
+    def wrapper(arg, *rest, **kw):
+        calls.append(len(arg))
+        return real(arg, *rest, **kw)
+
+    setattr(obj, name, wrapper)
+
+
+def test_text_encoding_is_batched_and_cached(tiny_sd3_dir):
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, prompt_cache_size=3)
+    runner = engine.core.runner
+    calls: list[int] = []
+    _counting(runner.family, "encode", calls)
+    prompts = ["a cat", "a dog", "a cat", "a bird"]
+    engine.generate([GenerationParams(p, num_inference_steps=2, seed=1, guidance_scale=1.0) for p in prompts])
+    assert calls == [3]  # one batched call for the distinct prompts of the admitted requests
+    engine.generate([GenerationParams("a bird", num_inference_steps=2, seed=1, guidance_scale=1.0)])
+    assert calls == [3] and runner.encoder.hits == 1  # served from the LRU, no new encode
+    engine.generate([GenerationParams(p, num_inference_steps=2, seed=1, guidance_scale=1.0)
+                     for p in ["e1", "e2", "e3", "e4"]])
+    assert len(runner.encoder._cache) == 3  # bounded
+
+
+def test_decode_is_batched_and_bounded_per_step(tiny_sd3_dir):
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, max_decode_batch=2)
+    runner = engine.core.runner
+    calls: list[int] = []
+    _counting(runner.family, "decode", calls)
+    for i in range(3):  # all three finish on the same step
+        engine.add_request(GenerationParams(f"p{i}", num_inference_steps=3, seed=i))
+    finished_per_step = []
+    while engine.has_unfinished():
+        finished_per_step.append(sum(isinstance(e, GenerationResult) for e in engine.step()))
+    assert calls == [2, 1]  # at most max_decode_batch images per step, the rest on the next step
+    assert finished_per_step[-2:] == [2, 1]
+
+
+def test_different_sizes_never_share_a_forward(tiny_sd3_dir):
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+    family = engine.core.runner.family
+    shapes = []
+    real = family.forward
+
+    def forward(latents, timesteps, cond):
+        shapes.append(tuple(latents.shape))
+        return real(latents, timesteps, cond)
+
+    family.forward = forward
+    results = engine.generate([GenerationParams("a", num_inference_steps=2, seed=0, height=32, width=32),
+                               GenerationParams("b", num_inference_steps=2, seed=0, height=16, width=32)])
+    assert sorted(set(shapes)) == [(2, 4, 8, 16), (2, 4, 16, 16)]
+    assert [r.image.size for r in results] == [(32, 32), (32, 16)]
+    assert not np.array_equal(np.asarray(results[0].image)[:16], np.asarray(results[1].image))
