@@ -13,6 +13,7 @@ MAX_STEPS = 200
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_GUIDANCE = 100.0
+MAX_PARTIAL_IMAGES = 3
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class GenerationParams:
     width: int | None = None
     sampler: str | None = None
     request_id: str | None = None
+    partial_images: int = 0
 
     def resolve(self, spec: ModelSpec, max_image_side: int = 2048) -> "GenerationParams":
         _check_prompt(self.prompt, "prompt")
@@ -54,6 +56,11 @@ class GenerationParams:
         width = spec.default_width if self.width is None else self.width
         for field, value in (("height", height), ("width", width)):
             _check_side(field, value, spec.size_multiple, max_image_side)
+        if isinstance(self.partial_images, bool) or not isinstance(self.partial_images, int) \
+                or not 0 <= self.partial_images <= MAX_PARTIAL_IMAGES:
+            raise InvalidRequestError(
+                f"partial_images must be an integer in 0..{MAX_PARTIAL_IMAGES}, got {self.partial_images!r}",
+                "partial_images")
         sampler = spec.default_sampler if self.sampler is None else self.sampler
         if sampler not in spec.samplers:
             raise InvalidRequestError(
@@ -61,6 +68,11 @@ class GenerationParams:
                 "sampler")
         return dataclasses.replace(self, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
                                    height=height, width=width, sampler=sampler)
+
+    def preview_steps(self, num_steps: int) -> frozenset[int]:
+        """Steps (counted from 1) after which a preview is produced: evenly spaced, never the last."""
+        n = self.partial_images
+        return frozenset(s for k in range(1, n + 1) if 0 < (s := round(num_steps * k / (n + 1))) < num_steps)
 
     @property
     def uses_cfg(self) -> bool:

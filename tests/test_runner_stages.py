@@ -62,3 +62,16 @@ def test_different_sizes_never_share_a_forward(tiny_sd3_dir):
     assert sorted(set(shapes)) == [(2, 4, 8, 16), (2, 4, 16, 16)]
     assert [r.image.size for r in results] == [(32, 32), (32, 16)]
     assert not np.array_equal(np.asarray(results[0].image)[:16], np.asarray(results[1].image))
+
+
+def test_previews_only_for_requests_that_ask(tiny_sd3_dir):
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+    engine.add_request(GenerationParams("a", num_inference_steps=8, seed=0, partial_images=3), "with")
+    engine.add_request(GenerationParams("b", num_inference_steps=8, seed=0), "without")
+    previews: dict[str, list[int]] = {"with": [], "without": []}
+    while engine.has_unfinished():
+        for event in engine.step():
+            if getattr(event, "preview", None) is not None:
+                previews[event.request_id].append(event.step)
+                assert event.preview.size == (16, 16)  # half of the 32x32 image
+    assert previews == {"with": [2, 4, 6], "without": []}

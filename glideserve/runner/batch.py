@@ -25,6 +25,7 @@ class RequestState:
     sampler: Sampler
     cond: Cond
     generator: torch.Generator
+    preview_steps: frozenset[int] = frozenset()
 
     @property
     def rows(self) -> int:

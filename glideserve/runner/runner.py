@@ -86,7 +86,8 @@ class ModelRunner:
         cond = {name: torch.cat([r[name] for r in rows]) for name in positive}
         for name, value in family.row_cond(p).items():
             cond[name] = value.expand(len(rows), *value.shape[1:])
-        return RequestState(data.request_id, p, latents, sampler, cond, generator)
+        return RequestState(data.request_id, p, latents, sampler, cond, generator,
+                            p.preview_steps(len(sampler.timesteps)))
 
     # -- one denoising step for one image size --------------------------------------
     def _denoise_group(self, states: list[RequestState], out: RunnerOutput) -> None:
@@ -110,6 +111,8 @@ class ModelRunner:
                 out.stepped.append(s.request_id)
                 if s.sampler.done:
                     self._decode_queue.append(s.request_id)
+                elif s.sampler.index in s.preview_steps:
+                    out.previews[s.request_id] = self._preview(s)
         except Exception as exc:  # fail the group's requests; the engine keeps serving others
             log.exception("denoising step failed for %d requests", len(states))
             for s in states:
@@ -117,6 +120,11 @@ class ModelRunner:
                 out.failed[s.request_id] = f"denoising failed: {exc}"
                 if s.request_id in out.stepped:
                     out.stepped.remove(s.request_id)
+
+    def _preview(self, state: RequestState):
+        """Half-resolution decode of the current latents; only for requests that asked."""
+        image = self.family.decode(state.latents)[0]
+        return image.resize((max(1, image.width // 2), max(1, image.height // 2)))
 
     # -- decode ----------------------------------------------------------------------
     def _decode(self, out: RunnerOutput) -> None:

@@ -42,10 +42,12 @@ class RunnerOutput:
     """What one ``ModelRunner.execute`` did: which requests stepped, finished or failed.
 
     ``finished`` maps request id to ``(PIL image, decode seconds)``; ``failed`` maps
-    request id to an error message; ``timing`` holds seconds spent per stage.
+    request id to an error message; ``previews`` maps request id to a low-resolution
+    PIL image of its current latents (only for requests that asked); ``timing`` holds seconds spent per stage.
     """
 
     stepped: list[str] = field(default_factory=list)
     finished: dict = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    previews: dict = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)

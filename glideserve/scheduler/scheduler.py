@@ -96,7 +96,7 @@ class Scheduler:
             req.steps_done += 1
             req.first_step_time = req.first_step_time or now
             req.last_step_time = now
-            events.append(StepProgress(rid, req.steps_done, req.num_steps))
+            events.append(StepProgress(rid, req.steps_done, req.num_steps, result.previews.get(rid)))
         for rid, (image, decode_s) in result.finished.items():
             req = self._running.pop(rid, None)
             if req is None:
