@@ -72,11 +72,11 @@ class AsyncEngine:
         self._stop = False
 
     @classmethod
-    def from_pretrained(cls, model: str, *, single_file_config: str | None = None,
-                        allow_unsafe_pickle: bool = False, **config) -> "AsyncEngine":
-        engine_config = config.pop("config", None) or EngineConfig.from_kwargs(**config)
-        return cls(EngineCore.from_pretrained(model, engine_config, single_file_config=single_file_config,
-                                              allow_unsafe_pickle=allow_unsafe_pickle))
+    def from_pretrained(cls, model: str, **options) -> "AsyncEngine":
+        """Load a bundled name, diffusers folder or checkpoint; options are EngineConfig fields
+        (flat, scheduler ones included), ``config=EngineConfig(...)``, ``single_file_config``
+        and ``allow_unsafe_pickle``."""
+        return cls(EngineCore.load(model, **options))
 
     @property
     def spec(self) -> ModelSpec:

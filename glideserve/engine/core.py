@@ -76,6 +76,15 @@ class EngineCore:
         samplers = SamplerFactory(spec.family, pipe.scheduler, device, denoiser_config)
         return cls(ModelRunner(family, samplers, config), spec, config)
 
+    @classmethod
+    def load(cls, model: str, *, config: EngineConfig | None = None, single_file_config: str | None = None,
+             allow_unsafe_pickle: bool = False, **options) -> "EngineCore":
+        """``from_pretrained`` with either an EngineConfig or its fields as keyword options."""
+        if config is not None and options:
+            raise TypeError("pass either config=EngineConfig(...) or keyword options, not both")
+        return cls.from_pretrained(model, config or EngineConfig.from_kwargs(**options),
+                                   single_file_config=single_file_config, allow_unsafe_pickle=allow_unsafe_pickle)
+
     def add_request(self, params: GenerationParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
         resolved = params.resolve(self.spec, self.config.max_image_side)

@@ -24,11 +24,11 @@ class Engine:
         self.core = core
 
     @classmethod
-    def from_pretrained(cls, model: str, *, single_file_config: str | None = None,
-                        allow_unsafe_pickle: bool = False, **config) -> "Engine":
-        engine_config = config.pop("config", None) or EngineConfig.from_kwargs(**config)
-        return cls(EngineCore.from_pretrained(model, engine_config, single_file_config=single_file_config,
-                                              allow_unsafe_pickle=allow_unsafe_pickle))
+    def from_pretrained(cls, model: str, **options) -> "Engine":
+        """Load a bundled name, diffusers folder or checkpoint; options are EngineConfig fields
+        (flat, scheduler ones included), ``config=EngineConfig(...)``, ``single_file_config``
+        and ``allow_unsafe_pickle``."""
+        return cls(EngineCore.load(model, **options))
 
     @property
     def spec(self) -> ModelSpec:
