@@ -33,8 +33,8 @@ class EngineConfig:
     """Everything the engine needs to know besides the model.
 
     ``device``/``dtype`` default to CPU float32 (bf16 is very slow on CPUs without
-    AMX). ``max_sequence_length`` is the T5 token budget for SD3 models (diffusers'
-    default 256). ``prompt_cache_size`` is the number of prompt embeddings kept in the
+    AMX). ``max_sequence_length`` is the T5 token budget for SD3 models (None: the
+    model folder's serving.json, else diffusers' default 256). ``prompt_cache_size`` is the number of prompt embeddings kept in the
     LRU. ``max_decode_batch`` bounds how many images one step decodes, so a burst of
     finishing requests cannot stall the next denoising step for long.
     """
@@ -42,7 +42,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     device: str = "cpu"
     dtype: str = "float32"
-    max_sequence_length: int = 256
+    max_sequence_length: int | None = None
     prompt_cache_size: int = 256
     max_decode_batch: int = 8
     max_image_side: int = 2048
@@ -51,7 +51,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-        if not 1 <= self.max_sequence_length <= 512:
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
             raise ValueError("max_sequence_length must be in 1..512")
         for name in ("prompt_cache_size", "max_decode_batch", "max_image_side"):
             if getattr(self, name) < 1:

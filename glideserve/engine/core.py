@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -62,9 +63,9 @@ class EngineCore:
                         allow_unsafe_pickle: bool = False) -> "EngineCore":
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        defaults = serving_defaults(model) if not str(model).endswith((".safetensors", ".ckpt", ".pt")) else {}
-        if "max_sequence_length" in defaults and config.max_sequence_length == EngineConfig.max_sequence_length:
-            config = _replace(config, max_sequence_length=int(defaults["max_sequence_length"]))
+        defaults = serving_defaults(model)
+        if config.max_sequence_length is None:
+            config = dataclasses.replace(config, max_sequence_length=int(defaults.get("max_sequence_length", 256)))
         pipe = load_pipeline(model, torch_dtype=config.torch_dtype, single_file_config=single_file_config,
                              allow_unsafe_pickle=allow_unsafe_pickle)
         device = torch.device(config.device)
@@ -130,8 +131,3 @@ def _family(pipe, spec: ModelSpec, device: torch.device, config: EngineConfig) -
         return SDXLFamily(pipe, spec, device, config.torch_dtype)
     return SD15Family(pipe, spec, device, config.torch_dtype)
 
-
-def _replace(config: EngineConfig, **changes) -> EngineConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)

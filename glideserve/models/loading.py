@@ -9,6 +9,7 @@ denoiser, scheduler and VAE itself and never calls ``Pipeline.__call__``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ _PIPELINE_FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
 }
 SERVING_DEFAULTS_FILE = "serving.json"
+log = logging.getLogger(__name__)
 
 
 def bundled_model_dir(name: str) -> Path:
@@ -151,6 +153,8 @@ def _default_sampler(pipe, names: tuple[str, ...]) -> str:
     from glideserve.runner.samplers import name_of_scheduler
 
     own = name_of_scheduler(pipe.scheduler)
-    # The pipeline's own scheduler keeps results identical to the pipeline; one we do not
-    # drive (e.g. a multi-stage solver) is replaced by the family's first sampler.
-    return own if own in names else names[0]
+    if own in names:  # the pipeline's own scheduler keeps results identical to the pipeline
+        return own
+    log.warning("the model's scheduler %s is not one glideserve drives per request; requests default to "
+                "the %r sampler (choose another per request with `sampler`)", type(pipe.scheduler).__name__, names[0])
+    return names[0]
