@@ -27,29 +27,36 @@ _CORPUS_WORDS = (
 ).split()
 
 
-def _bpe_vocab_and_merges(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP-layout BPE built by construction (no trainer, so every build is identical).
 
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
-        show_progress=False,
-    )
-    tok.train_from_iterator([" ".join(_CORPUS_WORDS)] * 4, trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return model["vocab"], merges
+    The vocabulary holds the special tokens, every character with and without the
+    ``</w>`` end-of-word suffix, and the left-to-right merges that spell each corpus word.
+    """
+    alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in alphabet:
+            vocab[ch + suffix] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in sorted(set(_CORPUS_WORDS)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in seen:
+                seen.add((current, piece))
+                merges.append((current, piece))
+            current += piece
+            vocab.setdefault(current, len(vocab))
+    return vocab, merges
 
 
-def build_clip_tokenizer(max_length: int = 77, vocab_size: int = 400):
-    """A CLIPTokenizer in CLIP's BPE layout (``</w>`` word suffix), built offline."""
+def build_clip_tokenizer(max_length: int = 77):
+    """A CLIPTokenizer in CLIP's BPE layout (``</w>`` word suffix), built offline and deterministically."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = _bpe_vocab_and_merges(vocab_size)
+    vocab, merges = _bpe_vocab_and_merges()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 

@@ -76,7 +76,8 @@ def load_pipeline(name_or_path: str, *, torch_dtype: torch.dtype = torch.float32
         from glideserve.models import single_file
 
         single_file.check_checkpoint_file(path, allow_unsafe_pickle)
-        return single_file.load_single_file(path, config=single_file_config, torch_dtype=torch_dtype)
+        return single_file.load_single_file(path, config=single_file_config, torch_dtype=torch_dtype,
+                                            allow_unsafe_pickle=allow_unsafe_pickle)
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json)", "model")
