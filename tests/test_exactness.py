@@ -97,8 +97,12 @@ def test_sdxl_matches_pipeline(tiny_sdxl_dir):
 
 
 def test_seed_reproduces_and_differs(tiny_sd3_dir):
+    results = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=MAX_SEQ).generate(
+        [GenerationParams("a cat", num_inference_steps=3, seed=5)])
+    assert results[0].params.seed == 5 and results[0].timings.steps == 3
     engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=MAX_SEQ)
-    a, b, c = engine.generate([GenerationParams("a cat", num_inference_steps=3, seed=s) for s in (5, 5, 6)])
-    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
-    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
-    assert a.params.seed == 5 and a.timings.steps == 3
+    a, b, c = (np.asarray(r.image).astype(int) for r in engine.generate(
+        [GenerationParams("a cat", num_inference_steps=3, seed=s) for s in (5, 5, 6)]))
+    # Same seed in two rows of one batch: equal up to float rounding of the batched matmuls.
+    assert np.abs(a - b).max() <= 2
+    assert np.abs(a - c).mean() > 5
