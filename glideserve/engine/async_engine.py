@@ -8,8 +8,8 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from glideserve.config import EngineConfig
 from glideserve.engine.core import EngineCore, StepStats
+from glideserve.engine.stream import RequestStream
 from glideserve.errors import EngineStoppedError
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent, GenerationResult, RequestFailed
@@ -30,27 +30,6 @@ class EngineStats:
     last_batch_requests: int
 
 
-class RequestStream:
-    """Async iterator over one request's events; it ends after the result or failure."""
-
-    def __init__(self, request_id: str, params: GenerationParams):
-        self.request_id = request_id
-        self.params = params
-        self._queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._done = False
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> EngineEvent:
-        if self._done:
-            raise StopAsyncIteration
-        event = await self._queue.get()
-        if isinstance(event, (GenerationResult, RequestFailed)):
-            self._done = True
-        return event
-
-
 class AsyncEngine:
     """Runs EngineCore steps on a background thread for asyncio callers.
 
@@ -65,7 +44,7 @@ class AsyncEngine:
         self.core = core
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._listeners: list[Callable[[StepStats], None]] = []
         self._thread: threading.Thread | None = None
         self._accepting = True
@@ -97,8 +76,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         with self._lock:
             request = self.core.add_request(params, request_id)
-            stream = RequestStream(request.request_id, request.params)
-            self._streams[request.request_id] = (loop, stream)
+            stream = RequestStream(request.request_id, request.params, loop)
+            self._streams[request.request_id] = stream
         self._wake.set()
         return stream
 
@@ -169,13 +148,9 @@ class AsyncEngine:
     def _dispatch(self, events: list[EngineEvent]) -> None:
         for event in events:
             with self._lock:
-                entry = self._streams.get(event.request_id)
-                if entry is not None and isinstance(event, (GenerationResult, RequestFailed)):
+                stream = self._streams.get(event.request_id)
+                if stream is not None and isinstance(event, (GenerationResult, RequestFailed)):
                     del self._streams[event.request_id]
-            if entry is not None:
-                loop, stream = entry
-                try:
-                    loop.call_soon_threadsafe(stream._queue.put_nowait, event)
-                except RuntimeError:  # the caller's event loop has closed
-                    pass
+            if stream is not None:
+                stream.push(event)
 

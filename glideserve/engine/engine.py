@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from glideserve.config import EngineConfig
 from glideserve.engine.core import EngineCore
 from glideserve.errors import GlideServeError
 from glideserve.models.spec import ModelSpec

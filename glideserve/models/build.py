@@ -9,7 +9,6 @@ use the same builders with larger dimensions.
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass
 

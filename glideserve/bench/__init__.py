@@ -1,0 +1,1 @@
+"""Benchmarks: open-loop load generation, summary metrics, reports, plots and baseline backends."""

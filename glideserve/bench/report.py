@@ -1,0 +1,95 @@
+"""Write benchmark results: JSON summaries and Markdown tables of systems side by side."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+MISSING = "n/a"
+
+
+def write_json(path: str | Path, data) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def fmt(value, digits: int = 2, scale: float = 1.0, percent: bool = False) -> str:
+    """A table cell: ``n/a`` for missing values, else the number rounded to ``digits``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if percent:
+        return f"{100.0 * value:.{digits}f}%"
+    return f"{value * scale:.{digits}f}"
+
+
+def _stat(summary: dict, key: str, stat: str):
+    block = summary.get(key)
+    return None if block is None else block.get(stat)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+LOAD_COLUMNS = ["system", "requests", "ok / late / dropped", "SLO attainment", "goodput (img/min)",
+                "throughput (img/min)", "p50 (s)", "p95 (s)", "p99 (s)", "max (s)", "queue p50 (s)",
+                "CPU s/img", "MFU"]
+
+
+def load_row(label: str, summary: dict) -> list[str]:
+    return [
+        label, str(summary["requests"]),
+        f"{summary['succeeded']} / {summary['timed_out']} / {summary['dropped']}",
+        fmt(summary["slo_attainment"], 1, percent=True),
+        fmt(summary["goodput_img_per_min"], 1), fmt(summary["throughput_img_per_min"], 1),
+        fmt(_stat(summary, "latency_s", "p50")), fmt(_stat(summary, "latency_s", "p95")),
+        fmt(_stat(summary, "latency_s", "p99")), fmt(_stat(summary, "latency_s", "max")),
+        fmt(_stat(summary, "queue_s", "p50")), fmt(summary.get("cpu_s_per_image")),
+        fmt(summary.get("mfu"), 2, percent=True),
+    ]
+
+
+def load_markdown(summaries: dict[str, dict], title: str = "") -> str:
+    """Systems side by side for one load; notes from the summaries follow the table."""
+    rows = [load_row(system, summary) for system, summary in summaries.items()]
+    text = (f"## {title}\n\n" if title else "") + markdown_table(LOAD_COLUMNS, rows)
+    notes = sorted({f"{system}: {note}" for system, s in summaries.items() for note in s.get("notes", [])})
+    if notes:
+        text += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+    return text
+
+
+def sweep_markdown(sweeps: dict[str, list[dict]]) -> str:
+    """One row per (system, offered rate) of a sweep."""
+    header = ["offered rate (req/s)"] + LOAD_COLUMNS
+    rows = [[fmt(s["offered_rate"], 2)] + load_row(system, s) for system, runs in sweeps.items() for s in runs]
+    return markdown_table(header, rows)
+
+
+LATENCY_COLUMNS = ["system", "workload", "requests", "total mean (s)", "total p50 (s)", "total p95 (s)",
+                   "total max (s)", "queue mean (s)", "queue p95 (s)", "inference mean (s)", "inference p95 (s)",
+                   "throughput (img/min)"]
+
+
+def latency_markdown(results: dict[str, dict[str, dict]]) -> str:
+    """``results[system][workload]`` holds a summary from :func:`glideserve.bench.latency.latency_summary`."""
+    rows = []
+    for system, workloads in results.items():
+        for workload, s in workloads.items():
+            rows.append([
+                system, workload, str(s["requests"]),
+                fmt(_stat(s, "latency_s", "mean")), fmt(_stat(s, "latency_s", "p50")),
+                fmt(_stat(s, "latency_s", "p95")), fmt(_stat(s, "latency_s", "max")),
+                fmt(_stat(s, "queue_s", "mean")), fmt(_stat(s, "queue_s", "p95")),
+                fmt(_stat(s, "inference_s", "mean")), fmt(_stat(s, "inference_s", "p95")),
+                fmt(s["throughput_img_per_min"], 1),
+            ])
+    return markdown_table(LATENCY_COLUMNS, rows)
