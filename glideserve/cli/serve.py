@@ -1,9 +1,106 @@
-"""CLI commands of this group (registered by glideserve.cli)."""
+"""``glideserve serve``: the OpenAI-compatible HTTP API and playground around a backend."""
 
 from __future__ import annotations
 
+import enum
+import logging
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from glideserve.errors import GlideServeError
+
+DEFAULT_MODEL = "glide-small"
+BASELINES_MODULE = "glideserve.bench.baselines"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class System(str, enum.Enum):
+    """Which system serves the requests: this engine, or a baseline for comparison."""
+
+    glideserve = "glideserve"
+    diffusers_sequential = "diffusers-sequential"
+    request_batching = "request-batching"
+
+
+class LogLevel(str, enum.Enum):
+    """Log levels shared by uvicorn and the logging module."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def make_backend(system: System, model: str, **config):
+    """Load ``model`` into the backend of ``system`` (a GlideServeError explains any failure)."""
+    if system is System.glideserve:
+        from glideserve import AsyncEngine
+
+        return AsyncEngine.from_pretrained(model, **config)
+    try:
+        from glideserve.bench import baselines
+    except ModuleNotFoundError as exc:
+        if exc.name != BASELINES_MODULE:
+            raise
+        raise GlideServeError(
+            f"--system {system.value} needs the module {BASELINES_MODULE}, which this installation lacks; "
+            "use --system glideserve or install a glideserve build that includes the baselines") from None
+    return baselines.make_backend(system.value, model, **config)
+
+
+def model_id_for(model: str) -> str:
+    """The name clients pass as ``model``: a bundled name as is, a folder by its name."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
 
 
 def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add ``serve`` to the app."""
+
+    @app.command("serve")
+    def serve(
+        model: str = typer.Option(DEFAULT_MODEL, help="Bundled model name or a diffusers model folder."),
+        host: str = typer.Option("127.0.0.1", help="Interface to bind; use 0.0.0.0 to accept remote clients."),
+        port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0 picks a free one)."),
+        api_key: Optional[str] = typer.Option(None, envvar="GLIDESERVE_API_KEY", show_envvar=True,
+                                              help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+        max_queue: int = typer.Option(256, min=1, help="Images that may wait for a slot; beyond it: 429."),
+        max_batch_rows: int = typer.Option(16, min=1, help="Model rows per denoising step (CFG takes two)."),
+        system: System = typer.Option(System.glideserve, help="Serving system behind the API."),
+        device: str = typer.Option("cpu", help="Torch device, e.g. cpu or cuda."),
+        dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+        warmup: bool = typer.Option(True, help="Run one 1-step generation before reporting ready."),
+        log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
+    ) -> None:
+        """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
+        from glideserve.server import ServerConfig, create_app
+        from glideserve.server.run import DrainingServer, display_url
+        import uvicorn
+
+        logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            config = ServerConfig(model_id=model_id_for(model), api_key=api_key, max_queue=max_queue,
+                                  warmup=warmup)
+            backend = make_backend(system, model, max_batch_rows=max_batch_rows, max_waiting=max_queue,
+                                   device=device, dtype=dtype)
+        except (GlideServeError, ValueError) as exc:
+            typer.secho(f"error: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        if api_key is None and host not in LOOPBACK_HOSTS:
+            typer.secho(f"warning: listening on {host} without --api-key; anyone who can reach this port can "
+                        "generate images", fg=typer.colors.YELLOW, err=True)
+        server: DrainingServer | None = None
+
+        def announce() -> None:
+            url = display_url(host, server.bound_port() or port)
+            typer.echo(f"glideserve: serving {config.model_id} ({system.value}) at {url}  "
+                       f"(playground {url}/, API {url}/v1)", err=False)
+
+        app = create_app(backend, config, on_ready=announce)
+        server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.value,
+                                               timeout_graceful_shutdown=None), app)
+        server.run()
+        if server.started is False:
+            raise typer.Exit(1)

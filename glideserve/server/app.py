@@ -1,0 +1,134 @@
+"""The FastAPI application: ``create_app(backend, config)`` wires routes, errors and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from importlib import resources
+from typing import Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
+
+from glideserve.server import images
+from glideserve.server.backend import Backend
+from glideserve.server.errors import BodySizeLimitMiddleware, error_json, install_error_handlers
+from glideserve.server.images import get_state, require_api_key
+from glideserve.server.protocol import ErrorResponse, HealthResponse, ModelCard, ModelList, ServerStats
+from glideserve.server.state import ServerConfig, ServerState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """An app serving ``backend``; its lifespan starts the backend and drains it at exit.
+
+    Start-up starts the backend and launches the warm-up generation in the
+    background, so ``/health`` answers at once and ``/ready`` turns 200 (and
+    ``on_ready`` is called) once the model has produced an image. Shutdown stops
+    admitting and waits until every admitted request has finished.
+    """
+    state = ServerState(backend, config, on_ready)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await backend.start()
+        backend.add_step_listener(state.metrics.on_step)
+        warmup = asyncio.create_task(state.warm_up()) if config.warmup else None
+        if warmup is None:
+            state.mark_ready()
+        try:
+            yield
+        finally:
+            state.begin_drain()
+            if warmup is not None:
+                warmup.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warmup
+            await backend.shutdown(drain=True)
+
+    app = FastAPI(title="glideserve", summary="OpenAI-compatible image generation with step-level batching",
+                  version=_version(), lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.include_router(images.router)
+    app.include_router(images.public_router)
+    app.include_router(_v1_router())
+    app.include_router(_ops_router())
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("glideserve")
+    except PackageNotFoundError:
+        return "0+source"
+
+
+def _v1_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
+                       responses={401: {"model": ErrorResponse}})
+
+    @router.get("/models", response_model=ModelList)
+    async def list_models(request: Request) -> ModelList:
+        """The one model this server serves."""
+        state = get_state(request)
+        return ModelList(data=[ModelCard(id=state.model_id, created=state.created)])
+
+    @router.get("/stats", response_model=ServerStats)
+    async def server_stats(request: Request) -> ServerStats:
+        """Live queue depth, batch size and throughput (what the playground's panel shows)."""
+        state = get_state(request)
+        stats = state.backend.stats()
+        return ServerStats(model=state.model_id, ready=state.ready, draining=state.draining,
+                           queue_depth=stats.num_waiting, running=stats.num_running,
+                           last_batch_requests=stats.last_batch_requests, last_batch_rows=stats.last_batch_rows,
+                           last_step_s=stats.last_step_s, steps_total=stats.steps_total,
+                           images_per_min=state.metrics.images_per_minute(), active_requests=len(state.jobs))
+
+    return router
+
+
+def _ops_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        """Liveness: the process answers."""
+        return HealthResponse(status="ok")
+
+    @router.get("/ready", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
+    async def ready(request: Request):
+        """Readiness: the model is loaded, warm, and the server is not draining."""
+        state = get_state(request)
+        if state.draining:
+            return error_json(503, "the server is shutting down", None, "shutting_down")
+        if state.warmup_error is not None:
+            return error_json(503, state.warmup_error + "; check the server log", None, "warmup_failed")
+        if not state.ready:
+            return error_json(503, "the model is warming up; retry in a few seconds", None, "not_ready")
+        return HealthResponse(status="ready")
+
+    @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of this server."""
+        state = get_state(request)
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(_playground_html())
+
+    return router
+
+
+def _playground_html() -> str:
+    return resources.files("glideserve.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+__all__ = ["create_app", "ServerConfig"]

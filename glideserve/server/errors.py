@@ -1,0 +1,159 @@
+"""HTTP errors and the handlers that turn every failure into OpenAI's error envelope.
+
+Anything the client did wrong becomes a 4xx naming the field; only a genuine bug in
+the server becomes a 500, logged with its traceback and answered with a clean
+envelope that does not leak internals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from glideserve.errors import GlideServeError, QueueFullError
+from glideserve.server.protocol import error_response_body
+
+log = logging.getLogger(__name__)
+
+GENERATIONS_PATH = "/v1/images/generations"
+
+
+class AuthenticationError(GlideServeError):
+    """The request lacks the server's bearer API key, or carries a different one."""
+
+    http_status = 401
+    code = "invalid_api_key"
+
+
+class NotFoundError(GlideServeError):
+    """The addressed resource (an image, a request) does not exist or has expired."""
+
+    http_status = 404
+    code = "not_found"
+
+
+class RequestIdConflictError(GlideServeError):
+    """A client-chosen request id is already used by a request in flight."""
+
+    http_status = 409
+    code = "duplicate_request_id"
+
+
+class GenerationFailedError(GlideServeError):
+    """The engine failed while producing an image: a server-side fault, not the client's."""
+
+    http_status = 500
+    code = "generation_failed"
+
+
+class ServerNotReadyError(GlideServeError):
+    """The server is warming up, draining or failed its warm-up; it cannot serve yet."""
+
+    http_status = 503
+    code = "not_ready"
+
+
+def error_json(status: int, message: str, param: str | None = None, code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_response_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _count(request: Request, code: str) -> None:
+    if request.url.path == GENERATIONS_PATH:
+        request.app.state.server.metrics.count_request(code)
+
+
+def _validation_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or None
+
+
+def _validation_message(err: dict) -> str:
+    param = _validation_param(tuple(err.get("loc", ())))
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return "the request body is not valid JSON; send a JSON object with Content-Type: application/json"
+    if kind == "extra_forbidden":
+        return f"unknown field {param!r}; remove it (see GET /openapi.json for the accepted fields)"
+    message = err.get("msg", "invalid value")
+    if param is None:
+        return f'the request body must be a JSON object such as {{"prompt": "a red circle"}} ({message})'
+    return f"{param}: {message}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception type the app can meet to an envelope with the right status."""
+
+    @app.exception_handler(GlideServeError)
+    async def _glideserve_error(request: Request, exc: GlideServeError) -> JSONResponse:
+        _count(request, exc.code)
+        headers = None
+        if isinstance(exc, QueueFullError):
+            headers = {"Retry-After": str(request.app.state.server.retry_after_s())}
+        if exc.http_status >= 500:
+            log.error("request %s failed: %s", request.url.path, exc.message)
+        return error_json(exc.http_status, exc.message, exc.param, exc.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        _count(request, "invalid_request")
+        return error_json(400, _validation_message(first), _validation_param(tuple(first.get("loc", ()))),
+                          "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        message = exc.detail if isinstance(exc.detail, str) else "request rejected"
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see GET /openapi.json"
+        _count(request, codes.get(exc.status_code, "http_error"))
+        return error_json(exc.status_code, message, None, codes.get(exc.status_code), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        _count(request, "server_error")
+        return error_json(500, "internal server error; the server logged the details", None, "server_error")
+
+
+class BodySizeLimitMiddleware:
+    """Rejects request bodies over ``max_bytes`` with 413, by header and while streaming.
+
+    Checking ``Content-Length`` up front answers honest clients without reading the
+    body; counting received chunks also stops chunked uploads that lie or omit it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = (f"the request body exceeds {self.max_bytes} bytes; "
+                     "shorten the prompt or split the request")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = error_json(413, too_large, None, "request_too_large")
+                await response(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise StarletteHTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,318 @@
+"""Image routes: generation (plain or streamed as Server-Sent Events), cancellation, and
+fetching images returned by URL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import secrets
+import time
+from typing import AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi.responses import Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+from starlette.types import Receive, Scope, Send
+
+from glideserve.errors import (EngineStoppedError, InvalidRequestError, ModelLoadError, QueueFullError,
+                               RequestAbortedError)
+from glideserve.outputs import GenerationResult, Queued, RequestFailed, StepProgress
+from glideserve.params import GenerationParams
+from glideserve.server.backend import RequestStream
+from glideserve.server.errors import (GENERATIONS_PATH, GenerationFailedError, NotFoundError,
+                                      RequestIdConflictError)
+from glideserve.server.protocol import (CancelResponse, CompletedEvent, ErrorBody, ErrorResponse,
+                                        ImageData, ImageGenerationRequest, ImagesResponse, ImageTimings,
+                                        PartialImageEvent, ProgressEvent, ResponseTimings, StreamErrorEvent,
+                                        error_response_body)
+from glideserve.server.state import ServerState
+
+PREVIEW_SIDE = 256
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+_bearer = HTTPBearer(auto_error=False, description="required when the server runs with an API key")
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def require_api_key(request: Request,
+                          _credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    get_state(request).check_api_key(request.headers.get("authorization"))
+
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 429, 500, 503)}
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
+public_router = APIRouter(responses=_ERRORS)
+
+
+class GenerationJob:
+    """One API request: its ``n`` engine requests, their merged events, and cancellation.
+
+    Image ``i`` runs as engine request ``f"{id}-{i}"``. ``events()`` yields
+    ``(image_index, event)`` as they arrive from any image; ``abort()`` cancels every
+    image that has not finished; ``close()`` also stops reading and unregisters the job.
+    """
+
+    def __init__(self, job_id: str, body: ImageGenerationRequest, state: ServerState):
+        self.id = job_id
+        self.body = body
+        self.state = state
+        self.arrival = time.monotonic()
+        self.streams: list[RequestStream] = []
+        self._finished: set[int] = set()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pumps: list[asyncio.Task] = []
+
+    async def admit(self, params: list[GenerationParams]) -> None:
+        """Admit every image or none: a rejection aborts the images already admitted."""
+        try:
+            for index, p in enumerate(params):
+                self.streams.append(await self.state.backend.add_request(p, request_id=f"{self.id}-{index}"))
+        except BaseException:
+            await self.abort()
+            raise
+        self._pumps = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(self.streams)]
+
+    async def _pump(self, index: int, stream: RequestStream) -> None:
+        try:
+            async for event in stream:
+                if isinstance(event, (GenerationResult, RequestFailed)):
+                    self._finished.add(index)
+                self._queue.put_nowait((index, event))
+        except Exception as exc:  # a broken stream fails its image instead of hanging the response
+            self._finished.add(index)
+            self._queue.put_nowait((index, RequestFailed(stream.request_id, "error", f"event stream failed: {exc}")))
+        finally:
+            self._queue.put_nowait((index, None))
+
+    async def events(self) -> AsyncIterator[tuple[int, object]]:
+        open_streams = len(self.streams)
+        while open_streams:
+            index, event = await self._queue.get()
+            if event is None:
+                open_streams -= 1
+            else:
+                yield index, event
+
+    async def abort(self) -> None:
+        for index, stream in enumerate(self.streams):
+            if index not in self._finished:
+                await self.state.backend.abort(stream.request_id)
+
+    async def close(self) -> None:
+        try:
+            await self.abort()
+        finally:
+            for task in self._pumps:
+                task.cancel()
+            self.state.jobs.pop(self.id, None)
+
+    def size(self) -> str:
+        params = self.streams[0].params
+        return f"{params.width}x{params.height}"
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.arrival
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE response that always finalizes its event generator, which aborts unfinished images.
+
+    Whether the client disconnects or the response completes, the generator's
+    ``finally`` runs right away instead of whenever it is garbage-collected.
+    """
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+def _sse(event) -> str:
+    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+
+
+def _png(image: Image.Image, max_side: int | None = None) -> bytes:
+    if max_side is not None and max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _timings(result: GenerationResult) -> ImageTimings:
+    return ImageTimings(**result.timings.as_dict())
+
+
+def _failure(event: RequestFailed) -> Exception:
+    if event.reason == "aborted":
+        return RequestAbortedError(f"the request was cancelled: {event.message}".rstrip(": "))
+    return GenerationFailedError(f"image generation failed on the server: {event.message}")
+
+
+def _params(body: ImageGenerationRequest) -> list[GenerationParams]:
+    height, width = body.height_width()
+    base_seed = secrets.randbelow(2**31) if body.seed is None else body.seed
+    return [GenerationParams(prompt=body.prompt, negative_prompt=body.negative_prompt,
+                             num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
+                             seed=seed, height=height, width=width, sampler=body.sampler,
+                             partial_images=body.partial_images if body.stream else 0)
+            for seed in body.seeds(base_seed)]
+
+
+@router.post(GENERATIONS_PATH, response_model=ImagesResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "JSON, or with stream=true a stream of image_generation.* events"}})
+async def create_images(body: ImageGenerationRequest, request: Request,
+                        x_request_id: str | None = Header(default=None, pattern=REQUEST_ID_PATTERN,
+                                                          description="optional id, to cancel with DELETE")):
+    """Generate ``n`` images; ``stream=true`` sends per-step progress and each image as it finishes."""
+    state = get_state(request)
+    if state.draining:
+        raise EngineStoppedError("the server is shutting down and admits no new requests; retry on another instance")
+    if body.model is not None and body.model not in state.served_model_ids():
+        raise ModelLoadError(f"model {body.model!r} is not served here; use {state.model_id!r} (see GET /v1/models)",
+                             "model")
+    params = _params(body)
+    waiting = state.backend.stats().num_waiting
+    if waiting + body.n > state.config.max_queue:
+        raise QueueFullError(f"the queue is full ({waiting} images waiting, limit {state.config.max_queue}); "
+                             "retry after the Retry-After delay")
+    job_id = x_request_id or "req_" + secrets.token_hex(12)
+    if job_id in state.jobs:
+        raise RequestIdConflictError(f"request id {job_id!r} is already in flight; choose another", "X-Request-Id")
+    job = GenerationJob(job_id, body, state)
+    state.jobs[job_id] = job
+    try:
+        await job.admit(params)
+    except InvalidRequestError as exc:
+        state.jobs.pop(job_id, None)
+        if exc.param in ("height", "width"):
+            raise InvalidRequestError(f"size {body.size!r}: {exc.message}", "size") from exc
+        raise
+    except BaseException:
+        state.jobs.pop(job_id, None)
+        raise
+    headers = {"X-Request-Id": job_id}
+    if body.stream:
+        headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(_event_stream(job), headers=headers)
+    response = await _collect(job, request)
+    return Response(response.model_dump_json(), media_type="application/json", headers=headers)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(job: GenerationJob, request: Request) -> ImagesResponse:
+    results: dict[int, GenerationResult] = {}
+
+    async def consume() -> RequestFailed | None:
+        async for index, event in job.events():
+            if isinstance(event, RequestFailed):
+                return event
+            if isinstance(event, GenerationResult):
+                results[index] = event
+        return None
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if consumer not in done:
+            raise RequestAbortedError("the client disconnected before the images were ready")
+        failure = consumer.result()
+        if failure is not None:
+            raise _failure(failure)
+    finally:
+        consumer.cancel()
+        watcher.cancel()
+        await job.close()
+    total_s = job.elapsed_s()
+    data = []
+    for index in range(len(job.streams)):
+        result = results[index]
+        png = await asyncio.to_thread(_png, result.image)
+        job.state.metrics.observe_image(result.timings)
+        if job.body.response_format == "url":
+            url = str(request.url_for("get_image", image_id=job.state.images.put(png)))
+            data.append(ImageData(url=url, seed=result.params.seed))
+        else:
+            data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=result.params.seed))
+    met = job.state.metrics.observe_completed(total_s, job.body.slo_ms)
+    timings = ResponseTimings(total_s=round(total_s, 6), slo_ms=job.body.slo_ms, slo_met=met,
+                              images=[_timings(results[i]) for i in range(len(job.streams))])
+    return ImagesResponse(created=int(time.time()), data=data, size=job.size(), timings=timings)
+
+
+async def _event_stream(job: GenerationJob) -> AsyncIterator[str]:
+    metrics = job.state.metrics
+    partial_sent = [0] * len(job.streams)
+    size = job.size()
+    outcome = "cancelled"  # unless the stream reaches its end: the client went away
+    try:
+        async for index, event in job.events():
+            if isinstance(event, Queued):
+                total = job.streams[index].params.num_inference_steps
+                yield _sse(ProgressEvent(request_id=job.id, image_index=index, step=0, total=total,
+                                         queue_position=event.position))
+            elif isinstance(event, StepProgress):
+                yield _sse(ProgressEvent(request_id=job.id, image_index=index, step=event.step, total=event.total))
+                if event.preview is not None:  # the engine spaces the requested previews over the steps
+                    png = await asyncio.to_thread(_png, event.preview, PREVIEW_SIDE)
+                    yield _sse(PartialImageEvent(b64_json=base64.b64encode(png).decode(), size=size,
+                                                 partial_image_index=partial_sent[index], image_index=index,
+                                                 step=event.step))
+                    partial_sent[index] += 1
+            elif isinstance(event, GenerationResult):
+                png = await asyncio.to_thread(_png, event.image)
+                metrics.observe_image(event.timings)
+                yield _sse(CompletedEvent(b64_json=base64.b64encode(png).decode(), size=size, image_index=index,
+                                          seed=event.params.seed, timings=_timings(event)))
+            elif isinstance(event, RequestFailed):
+                error = _failure(event)
+                metrics.count_request(error.code)
+                body = error_response_body(error.http_status, error.message, None, error.code)["error"]
+                outcome = None
+                yield _sse(StreamErrorEvent(error=ErrorBody(**body)))
+                return
+        outcome = None
+        metrics.observe_completed(job.elapsed_s(), job.body.slo_ms)
+    finally:
+        if outcome is not None:
+            metrics.count_request(outcome)
+        with anyio.CancelScope(shield=True):
+            await job.close()
+
+
+@router.delete("/v1/requests/{request_id}", response_model=CancelResponse)
+async def cancel_request(request: Request, request_id: str = Path(max_length=64)) -> CancelResponse:
+    """Cancel a generation in flight (its id is the ``X-Request-Id`` response header)."""
+    job = get_state(request).jobs.get(request_id)
+    if job is None:
+        raise NotFoundError(f"no request {request_id!r} in flight; it may have finished already", "request_id")
+    await job.abort()
+    return CancelResponse(id=request_id, cancelled=True)
+
+
+@public_router.get("/v1/images/{image_id}", name="get_image", response_class=Response,
+                   responses={200: {"content": {"image/png": {}}}})
+async def get_image(request: Request, image_id: str = Path(max_length=64)) -> Response:
+    """A PNG returned with ``response_format="url"``; URLs expire (see the server's image TTL)."""
+    png = get_state(request).images.get(image_id)
+    if png is None:
+        raise NotFoundError(f"image {image_id!r} does not exist or has expired; generate it again", "image_id")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+

@@ -1,0 +1,98 @@
+"""Prometheus metrics of one server instance, kept in the app's own registry.
+
+A registry per app (never the process-global one) lets several servers, or tests,
+live in one process without their counters colliding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from glideserve.outputs import RequestTimings
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+THROUGHPUT_WINDOW_S = 60.0
+
+
+class ServerMetrics:
+    """Counters, gauges and histograms of the serving path.
+
+    ``stats`` is the backend's ``stats()``; the queue-depth and running gauges read it
+    at scrape time so they are never stale. ``on_step`` is a backend step listener
+    (it runs on the engine thread; prometheus-client metrics are thread-safe). The
+    rest is recorded by the HTTP layer, per API request or per image.
+    """
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, stats: Callable[[], object], clock: Callable[[], float] = time.monotonic):
+        self.registry = CollectorRegistry()
+        self._clock = clock
+        self._image_times: deque[float] = deque()
+        r = self.registry
+        self.requests = Counter("glideserve_requests", "Image generation API requests by final status",
+                                ["status"], registry=r)
+        self.queue_depth = Gauge("glideserve_queue_depth", "Engine requests waiting for a batch slot", registry=r)
+        self.queue_depth.set_function(lambda: stats().num_waiting)
+        self.running = Gauge("glideserve_running_requests", "Engine requests holding a batch slot", registry=r)
+        self.running.set_function(lambda: stats().num_running)
+        self.batch_requests = Gauge("glideserve_batch_size_requests", "Requests in the last denoising step",
+                                    registry=r)
+        self.batch_rows = Gauge("glideserve_batch_size_rows", "Model rows in the last denoising step", registry=r)
+        self.step_latency = Histogram("glideserve_step_latency_seconds", "Wall time of one engine step",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.request_latency = Histogram("glideserve_request_latency_seconds",
+                                         "Arrival to last image of a completed API request",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_latency = Histogram("glideserve_queue_latency_seconds",
+                                       "Per image: arrival to its first denoising step",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("glideserve_images_generated", "Images generated", registry=r)
+        self.slo = Counter("glideserve_slo", "Completed requests that carried slo_ms, by outcome",
+                           ["result"], registry=r)
+        for result in ("met", "missed"):
+            self.slo.labels(result=result)
+
+    def on_step(self, step) -> None:
+        """Backend step listener: ``step`` has ``duration_s``, ``num_requests``, ``num_rows``."""
+        self.step_latency.observe(step.duration_s)
+        self.batch_requests.set(step.num_requests)
+        self.batch_rows.set(step.num_rows)
+
+    def count_request(self, status: str) -> None:
+        self.requests.labels(status=status).inc()
+
+    def observe_image(self, timings: RequestTimings) -> None:
+        self.images.inc()
+        self.queue_latency.observe(timings.queued_s)
+        now = self._clock()
+        self._image_times.append(now)
+        self._trim(now)
+
+    def observe_completed(self, total_s: float, slo_ms: float | None) -> bool | None:
+        """Record a completed request; returns whether it met its SLO (None without one)."""
+        self.count_request("completed")
+        self.request_latency.observe(total_s)
+        if slo_ms is None:
+            return None
+        met = total_s * 1000.0 <= slo_ms
+        self.slo.labels(result="met" if met else "missed").inc()
+        return met
+
+    def images_per_minute(self) -> float:
+        now = self._clock()
+        self._trim(now)
+        return len(self._image_times) * 60.0 / THROUGHPUT_WINDOW_S
+
+    def _trim(self, now: float) -> None:
+        while self._image_times and now - self._image_times[0] > THROUGHPUT_WINDOW_S:
+            self._image_times.popleft()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

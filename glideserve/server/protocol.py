@@ -1,0 +1,258 @@
+"""Wire schemas of the HTTP API: the OpenAI images request and response, the stream
+events, the error envelope, and the server's own small endpoints.
+
+Requests are validated strictly (no string-to-number coercion, unknown fields
+rejected) so that a client's mistake is answered with a 400 that names the field
+instead of being silently reinterpreted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from glideserve.errors import InvalidRequestError
+from glideserve.params import (MAX_GUIDANCE, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS,
+                               parse_size)
+
+MAX_IMAGES_PER_REQUEST = 8
+MAX_PRIORITY = 1000
+MAX_USER_CHARS = 256
+
+
+def _require_utf8(text: str | None, field: str) -> str | None:
+    # JSON admits lone surrogate escapes ("\ud800"); they cannot be tokenized or echoed back.
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{field} contains an unpaired surrogate; send valid Unicode text") from None
+    return text
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of ``POST /v1/images/generations``: OpenAI's fields plus diffusion extensions.
+
+    ``size`` is ``"WIDTHxHEIGHT"`` (or ``"auto"`` for the model's default); ``n``
+    images use seeds ``seed, seed+1, ...``. Extension fields (``seed``,
+    ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``sampler``,
+    ``slo_ms``, ``priority``) travel in the OpenAI client's ``extra_body``.
+    Range checks that depend on the model (size multiple, sampler names) happen
+    when the engine admits the request.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(default=None, max_length=512)
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    size: str | None = Field(default=None, max_length=32, description='"WIDTHxHEIGHT", e.g. "512x512", or "auto"')
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png"] = "png"
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
+    stream: bool = False
+    partial_images: int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES,
+                                description="with stream=true: low-resolution previews sent during denoising")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(default=None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    sampler: str | None = Field(default=None, max_length=64)
+    slo_ms: float | None = Field(default=None, gt=0, le=86_400_000, allow_inf_nan=False,
+                                 description="latency target in milliseconds; met/missed is counted in /metrics")
+    priority: int | None = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+                                 description="accepted for compatibility with priority schedulers; the engine "
+                                             "serves requests first come, first served")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain some non-whitespace text")
+        return _require_utf8(value, "prompt")
+
+    @field_validator("negative_prompt", "user", "sampler", "model")
+    @classmethod
+    def _utf8_text(cls, value: str | None, info) -> str | None:
+        return _require_utf8(value, info.field_name)
+
+    def height_width(self) -> tuple[int | None, int | None]:
+        """``(height, width)`` from ``size``; ``(None, None)`` asks for the model's default."""
+        if self.size is None or self.size == "auto":
+            return None, None
+        return parse_size(self.size)
+
+    def seeds(self, base: int) -> list[int]:
+        """The seed of each of the ``n`` images; raises InvalidRequestError past the seed range."""
+        if base + self.n - 1 > MAX_SEED:
+            raise InvalidRequestError(
+                f"seed + n - 1 must not exceed {MAX_SEED}; use a seed of at most {MAX_SEED - self.n + 1}", "seed")
+        return [base + i for i in range(self.n)]
+
+
+class ImageData(BaseModel):
+    """One generated image: inline PNG (``b64_json``) or a temporary ``url``, and its seed."""
+
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: None = None
+    seed: int
+
+
+class ImageTimings(BaseModel):
+    """Engine-measured seconds for one image (see ``glideserve.outputs.RequestTimings``)."""
+
+    queued_s: float
+    denoise_s: float
+    decode_s: float
+    total_s: float
+    steps: int
+
+
+class ResponseTimings(BaseModel):
+    """Server-side view of a whole request: wall time from arrival to the last image."""
+
+    total_s: float
+    slo_ms: float | None = None
+    slo_met: bool | None = None
+    images: list[ImageTimings]
+
+
+class ImagesResponse(BaseModel):
+    """Response of a non-streaming generation, shaped like OpenAI's ``ImagesResponse``."""
+
+    created: int
+    data: list[ImageData]
+    output_format: Literal["png"] = "png"
+    size: str
+    timings: ResponseTimings
+
+
+class ProgressEvent(BaseModel):
+    """Stream event (extension): a waiting request's queue position, or a finished step.
+
+    While waiting, ``step`` is 0 and ``queue_position`` counts requests ahead (0 = next);
+    once running, ``queue_position`` is null and ``step`` runs from 1 to ``total``.
+    """
+
+    type: Literal["image_generation.progress"] = "image_generation.progress"
+    request_id: str
+    image_index: int
+    step: int
+    total: int
+    queue_position: int | None = None
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+
+
+class PartialImageEvent(BaseModel):
+    """OpenAI's ``image_generation.partial_image``: a low-resolution preview of one image."""
+
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    b64_json: str
+    background: Literal["opaque"] = "opaque"
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    output_format: Literal["png"] = "png"
+    partial_image_index: int
+    quality: Literal["auto"] = "auto"
+    size: str
+    image_index: int
+    step: int
+
+
+class CompletedEvent(BaseModel):
+    """OpenAI's ``image_generation.completed``: the final image, one event per image."""
+
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    b64_json: str
+    background: Literal["opaque"] = "opaque"
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    output_format: Literal["png"] = "png"
+    quality: Literal["auto"] = "auto"
+    size: str
+    image_index: int
+    seed: int
+    timings: ImageTimings
+
+
+class ErrorBody(BaseModel):
+    """The inside of OpenAI's error envelope; ``param`` names the offending field."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope ``{"error": {...}}``, used by every non-2xx answer."""
+
+    error: ErrorBody
+
+
+class StreamErrorEvent(BaseModel):
+    """A stream's last event when it ends without an image (cancelled or failed)."""
+
+    type: Literal["error"] = "error"
+    error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    """An entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "glideserve"
+
+
+class ModelList(BaseModel):
+    """Response of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CancelResponse(BaseModel):
+    """Response of ``DELETE /v1/requests/{id}``: the request will stop at its next step."""
+
+    id: str
+    object: Literal["request"] = "request"
+    cancelled: bool
+
+
+class ServerStats(BaseModel):
+    """Response of ``GET /v1/stats``: a live snapshot for dashboards and the playground."""
+
+    model: str
+    ready: bool
+    draining: bool
+    queue_depth: int
+    running: int
+    last_batch_requests: int
+    last_batch_rows: int
+    last_step_s: float
+    steps_total: int
+    images_per_min: float
+    active_requests: int
+
+
+class HealthResponse(BaseModel):
+    """Response of ``GET /health`` and ``GET /ready``."""
+
+    status: str
+    detail: str | None = None
+
+
+def error_type_for(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status; ``code`` carries the specific reason."""
+    if status >= 500:
+        return "server_error"
+    return {429: "rate_limit_error", 499: "cancelled"}.get(status, "invalid_request_error")
+
+
+def error_response_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The envelope ``{"error": {message, type, param, code}}`` for an answer with ``status``."""
+    error_type = error_type_for(status)
+    return ErrorResponse(error=ErrorBody(message=message, type=error_type, param=param, code=code)).model_dump()

@@ -1,0 +1,151 @@
+"""Server configuration and the per-app state the routes share."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from glideserve.outputs import GenerationResult, RequestFailed
+from glideserve.params import GenerationParams
+from glideserve.server.backend import Backend
+from glideserve.server.errors import AuthenticationError
+from glideserve.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from glideserve.server.images import GenerationJob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side settings; the engine's own limits live in its EngineConfig.
+
+    ``model_id`` is the name clients pass as ``model`` (default: the backend's spec
+    name). ``max_queue`` bounds engine requests waiting for a slot: a request that
+    would push the queue past it gets 429. ``api_key`` (None = open) is required as
+    ``Authorization: Bearer <key>`` on ``/v1`` routes. Images returned by URL are kept
+    ``image_ttl_s`` seconds, at most ``max_stored_images`` of them. ``warmup`` runs
+    one tiny generation at start-up before ``/ready`` turns ready.
+    """
+
+    model_id: str | None = None
+    api_key: str | None = None
+    max_queue: int = 256
+    max_body_bytes: int = 64 * 1024
+    image_ttl_s: float = 600.0
+    max_stored_images: int = 256
+    warmup: bool = True
+
+    def __post_init__(self):
+        for name in ("max_queue", "max_body_bytes", "max_stored_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServerConfig.{name} must be >= 1")
+        if self.image_ttl_s <= 0:
+            raise ValueError("ServerConfig.image_ttl_s must be > 0")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key must not be empty; omit it to run without authentication")
+
+
+class ImageStore:
+    """PNG bytes served at ``GET /v1/images/{id}``, each for ``ttl_s`` seconds.
+
+    At most ``capacity`` images are kept; storing one more evicts the oldest. Ids
+    are 128-bit random tokens, so an image URL works as a bearer capability.
+    """
+
+    def __init__(self, capacity: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._images: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def put(self, png: bytes) -> str:
+        self._expire()
+        image_id = "img_" + secrets.token_hex(16)
+        self._images[image_id] = (self._clock() + self.ttl_s, png)
+        while len(self._images) > self.capacity:
+            self._images.popitem(last=False)
+        return image_id
+
+    def get(self, image_id: str) -> bytes | None:
+        self._expire()
+        entry = self._images.get(image_id)
+        return None if entry is None else entry[1]
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._images:
+            image_id, (expires, _) = next(iter(self._images.items()))
+            if expires > now:
+                break
+            del self._images[image_id]
+
+
+class ServerState:
+    """Everything the routes share: backend, config, metrics, image store, jobs in flight.
+
+    ``ready`` turns true after the warm-up generation; ``draining`` (set on SIGTERM
+    or at shutdown) makes new generations fail with 503 while admitted ones finish.
+    """
+
+    def __init__(self, backend: Backend, config: ServerConfig, on_ready: Callable[[], None] | None = None):
+        self.backend = backend
+        self.config = config
+        self.model_id = config.model_id or backend.spec.name
+        self.metrics = ServerMetrics(backend.stats)
+        self.images = ImageStore(config.max_stored_images, config.image_ttl_s)
+        self.jobs: dict[str, GenerationJob] = {}
+        self.ready = False
+        self.draining = False
+        self.warmup_error: str | None = None
+        self.created = int(time.time())
+        self._on_ready = on_ready
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def served_model_ids(self) -> set[str]:
+        return {self.model_id, self.backend.spec.name}
+
+    def check_api_key(self, authorization: str | None) -> None:
+        expected = self.config.api_key
+        if expected is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            raise AuthenticationError(
+                "missing or wrong API key; send the server's key as 'Authorization: Bearer <key>'")
+
+    def retry_after_s(self) -> int:
+        """A rough wait before retrying a full queue: one default-length request's steps."""
+        stats = self.backend.stats()
+        estimate = stats.last_step_s * self.backend.spec.default_steps
+        return int(min(60, max(1, math.ceil(estimate))))
+
+    async def warm_up(self) -> None:
+        """Run one 1-step generation at the default size, then report ready."""
+        params = GenerationParams(prompt="warm-up", num_inference_steps=1, seed=0)
+        try:
+            stream = await self.backend.add_request(params, request_id="warmup-" + secrets.token_hex(4))
+            async for event in stream:
+                if isinstance(event, RequestFailed):
+                    raise RuntimeError(f"{event.reason}: {event.message}")
+                if isinstance(event, GenerationResult):
+                    break
+        except Exception as exc:  # reported through /ready; the server stays up to say why
+            self.warmup_error = f"warm-up generation failed: {exc}"
+            log.error("%s", self.warmup_error)
+            return
+        self.mark_ready()
+
+    def mark_ready(self) -> None:
+        self.ready = True
+        if self._on_ready is not None:
+            self._on_ready()

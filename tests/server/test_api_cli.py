@@ -1,0 +1,19 @@
+"""``glideserve serve`` fails early, with a message, on what the user can fix."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from glideserve.cli import app
+
+
+def test_missing_model_is_reported_without_a_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "no-such-model"), "--port", "0"])
+    assert result.exit_code == 2
+    assert "not found" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_system_is_rejected():
+    result = CliRunner().invoke(app, ["serve", "--system", "tgi"])
+    assert result.exit_code == 2
+    assert "glideserve" in result.output
