@@ -151,6 +151,30 @@ def rescale(schedule: Schedule, *, target_rate: float | None = None, duration_s:
     return Schedule(tuple(offsets.tolist()), ids)
 
 
+def fit_trace(schedule: Schedule, *, target_rate: float, duration_s: float, seed: int = 0) -> Schedule:
+    """The whole trace squeezed into ``duration_s`` at mean rate ``target_rate``.
+
+    Time is scaled so the trace's span becomes ``duration_s`` (its rate-over-time shape
+    kept, e.g. the MAF traces' ramps), then arrivals are thinned uniformly at random
+    (seeded) to ``round(target_rate * duration_s)``, which keeps that shape in
+    expectation. A trace with too few arrivals for the target is an error: arrivals
+    are never invented.
+    """
+    _check_positive("target_rate", target_rate)
+    _check_positive("duration_s", duration_s)
+    if len(schedule) < 2 or schedule.span_s <= 0:
+        raise ValueError("a trace needs at least two distinct arrival times to be fitted")
+    wanted = max(1, round(target_rate * duration_s))
+    if wanted > len(schedule):
+        raise ValueError(f"the trace has {len(schedule)} arrivals, fewer than the {wanted} that {target_rate:g} req/s "
+                         f"over {duration_s:g} s needs; lower --rate or --duration")
+    offsets = np.asarray(schedule.offsets, dtype=float) * (duration_s / schedule.span_s)
+    offsets = np.minimum(offsets, np.nextafter(duration_s, 0))  # the last arrival stays inside the window
+    keep = np.sort(np.random.default_rng(seed).choice(len(offsets), size=wanted, replace=False))
+    ids = tuple(schedule.prompt_ids[i] for i in keep) if schedule.prompt_ids is not None else None
+    return Schedule(tuple(offsets[keep].tolist()), ids)
+
+
 def make_schedule(kind: str, *, rate: float | None = None, duration_s: float | None = None,
                   count: int | None = None, burst_size: int | None = None, burst_interval_s: float | None = None,
                   num_bursts: int | None = None, trace: str | Path | None = None, seed: int = 0) -> Schedule:
@@ -163,7 +187,10 @@ def make_schedule(kind: str, *, rate: float | None = None, duration_s: float | N
         return burst_arrivals(_required(burst_size, "burst_size", kind), _required(burst_interval_s,
                               "burst_interval_s", kind), _required(num_bursts, "num_bursts", kind))
     if kind == "trace":
-        return rescale(load_trace(_required(trace, "trace", kind)), target_rate=rate, duration_s=duration_s)
+        loaded = load_trace(_required(trace, "trace", kind))
+        if rate is not None and duration_s is not None:
+            return fit_trace(loaded, target_rate=rate, duration_s=duration_s, seed=seed)
+        return rescale(loaded, target_rate=rate, duration_s=duration_s)
     raise ValueError(f"unknown arrival process {kind!r}; choose poisson, constant, bursts or trace")
 
 

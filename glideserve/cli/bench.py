@@ -39,7 +39,7 @@ OutOpt = Annotated[Optional[Path], typer.Option(help="Output folder (default: be
 ReadyOpt = Annotated[float, typer.Option(help="Seconds to wait for a started server's /ready.")]
 ArrivalOpt = Annotated[str, typer.Option(help="Arrival process: poisson, constant, bursts or trace.")]
 RateOpt = Annotated[Optional[float], typer.Option(help="Requests per second (a trace is rescaled to it).")]
-DurationOpt = Annotated[Optional[float], typer.Option(help="Seconds of arrivals (a trace is cut to it).")]
+DurationOpt = Annotated[Optional[float], typer.Option(help="Seconds of arrivals (with --rate, a whole trace is fitted into it and thinned to the rate).")]
 CountOpt = Annotated[Optional[int], typer.Option(help="Number of requests (poisson / constant).")]
 TraceOpt = Annotated[Optional[Path], typer.Option(help="Trace CSV of arrival_ms,prompt_id lines.")]
 

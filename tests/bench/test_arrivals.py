@@ -83,12 +83,25 @@ def test_rescale_hits_target_rate_and_keeps_shape(tmp_path):
 
 def test_rescale_then_cut_to_duration(tmp_path):
     trace = _write_trace(tmp_path / "t.csv", [f"{i * 100},{i}" for i in range(101)])  # 10 req/s over 10 s
-    schedule = make_schedule("trace", trace=trace, rate=5.0, duration_s=8.0)
+    schedule = rescale(load_trace(trace), target_rate=5.0, duration_s=8.0)
     assert all(t < 8.0 for t in schedule.offsets)
     assert len(schedule) == 40  # 101 arrivals over 10 s stretched by 10.1/5: 0.202 s apart, 0 .. 7.88 s
     assert schedule.prompt_ids == tuple(range(40))
     only_cut = rescale(load_trace(trace), duration_s=2.0)
     assert len(only_cut) == 20
+
+
+def test_trace_fitted_to_rate_and_duration_keeps_its_ramp(tmp_path):
+    # A ramp: the rate grows linearly from ~1 to ~9 req/s over 100 s (like the MAF 1-to-8 qps trace).
+    times = np.sqrt(np.linspace(0, 1, 500)) * 100_000
+    trace = _write_trace(tmp_path / "ramp.csv", [f"{t:.1f},{i}" for i, t in enumerate(times)])
+    schedule = make_schedule("trace", trace=trace, rate=2.0, duration_s=30.0, seed=3)
+    assert len(schedule) == 60 and schedule.offsets[-1] < 30.0
+    offsets = np.asarray(schedule.offsets)
+    assert (offsets >= 15).sum() > 1.5 * (offsets < 15).sum()  # the later half still carries more load
+    assert schedule == make_schedule("trace", trace=trace, rate=2.0, duration_s=30.0, seed=3)
+    with pytest.raises(ValueError, match="lower --rate or --duration"):
+        make_schedule("trace", trace=trace, rate=50.0, duration_s=30.0)
 
 
 def test_schedule_validates():
