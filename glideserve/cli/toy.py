@@ -1,9 +1,111 @@
-"""CLI commands of this group (registered by glideserve.cli)."""
+"""``glideserve train-toy`` (train a bundled-size model) and ``glideserve eval judge`` (prompt adherence)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from glideserve.errors import GlideServeError
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def train_toy(
+    size: str = typer.Option("small", "--size", help="Model size: small (glide-small) or tiny (glide-tiny)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./glide-SIZE)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Train the transformer for this many minutes."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Train the transformer for this many steps "
+                                        "(default when neither is given: the size's recipe)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, initialisation and noise."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
+    vae_from: Optional[Path] = typer.Option(None, "--vae-from", help="Reuse the trained VAE of this model folder "
+                                            "instead of training one."),
+    vae_steps: Optional[int] = typer.Option(None, "--vae-steps", help="VAE training steps when not reusing one "
+                                             "(default: the recipe's)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (steps count in total)."),
+    samples_per_caption: int = typer.Option(150, "--samples-per-caption",
+                                            help="Images per caption in the fixed latent dataset."),
+) -> None:
+    """Train a toy text-to-image model (shapes and colours) and write it in the diffusers SD3 layout."""
+    import torch
+
+    from glideserve.toy import recipe
+    from glideserve.toy.train import DEFAULT_TRAIN_STEPS, DEFAULT_VAE_STEPS, train_toy_model
+
+    if size not in recipe.PRESETS:
+        _fail(f"--size must be one of {', '.join(recipe.PRESETS)}, got {size!r}")
+    if minutes is not None and steps is not None:
+        _fail("give --minutes or --steps, not both")
+    counts = (minutes, steps, threads, vae_steps, samples_per_caption)
+    if any(value is not None and value <= 0 for value in counts):
+        _fail("--minutes, --steps, --threads, --vae-steps and --samples-per-caption must be positive")
+    if minutes is None and steps is None:
+        steps = DEFAULT_TRAIN_STEPS[size]
+    torch.set_num_threads(threads)
+    vae_steps = DEFAULT_VAE_STEPS if vae_steps is None else vae_steps
+    target = out if out is not None else Path(f"glide-{size}")
+    try:
+        folder = train_toy_model(size, target, steps=steps, minutes=minutes, seed=seed, vae_from=vae_from,
+                                 vae_steps=vae_steps, resume=resume,
+                                 samples_per_caption=samples_per_caption)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {folder} (load it with `glideserve generate --model {folder}`)")
+
+
+def eval_judge(
+    model: str = typer.Option("glide-small", "--model", help="Bundled model name or model folder."),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps per image."),
+    seeds: int = typer.Option(2, "--seeds", help="Seeds per caption combination (168 combinations)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale (default: the model's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report (with mismatches) here."),
+    every: int = typer.Option(1, "--every", help="Use every N-th caption combination (1: all 168)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    max_batch_rows: int = typer.Option(64, "--max-batch-rows", help="Engine batch bound (rows per step)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Save a captioned grid of the first images (PNG)."),
+    grid_size: int = typer.Option(24, "--grid-size", help="How many images the grid shows."),
+) -> None:
+    """Prompt adherence of a toy model: generate every caption combination and judge each image."""
+    from glideserve.toy.evaluate import evaluate_engine
+
+    from glideserve.toy import dataset
+
+    if seeds < 1 or steps < 1 or every < 1 or max_batch_rows < 1:
+        _fail("--seeds, --steps, --every and --max-batch-rows must be at least 1")
+    config = {"max_batch_rows": max_batch_rows}
+    if threads is not None:
+        config["num_threads"] = threads
+    try:
+        report = evaluate_engine(model, steps=steps, seeds=seeds, guidance=guidance,
+                                 combinations=dataset.all_combinations()[::every], keep_images=grid is not None,
+                                 **config)
+    except GlideServeError as exc:
+        _fail(exc.message)
+    acc = report.accuracy
+    typer.echo(f"{report.model}: {report.num_images} images, {report.steps} steps, guidance {report.guidance:g}")
+    typer.echo(f"  background {acc['background']:.3f}  color {acc['color']:.3f}  shape {acc['shape']:.3f}  "
+               f"all three {acc['all']:.3f}")
+    typer.echo(f"  {report.seconds_per_image:.3f} s/image ({report.seconds:.1f} s total)")
+    if grid is not None:
+        from glideserve.toy.grid import caption_grid
+
+        # Spread the grid over the combinations instead of showing the first few colours only.
+        count = min(grid_size, len(report.images))
+        pick = [report.images[i * (len(report.images) - 1) // max(1, count - 1)] for i in range(count)]
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        caption_grid([image for image, _ in pick], [text for _, text in pick]).save(grid)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
 
 
 def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add ``train-toy`` to the app and ``judge`` to the eval group."""
+    app.command("train-toy")(train_toy)
+    eval_app.command("judge")(eval_judge)

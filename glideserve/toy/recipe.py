@@ -1,0 +1,135 @@
+"""Architecture of the bundled toy models and how their diffusers folder is assembled.
+
+Both sizes share the text encoders, tokenizers and the trained autoencoder; they differ
+only in the SD3 transformer. The text encoders stay randomly initialised and frozen:
+they are fixed deterministic functions of the caption and the transformer learns to
+read their outputs. Text sequences are kept short (CLIP is padded to its tokenizer's
+``model_max_length``, T5 to ``max_sequence_length`` from ``serving.json``) because
+every text token also runs through the joint transformer blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glideserve.models.build import SD3Dims, build_clip_tokenizer, build_sd3_components, build_t5_tokenizer
+from glideserve.toy import dataset
+from glideserve.toy.vae import LATENT_CHANNELS, VAE_CHANNELS
+
+T5_MAX_LENGTH = 10  # every caption is 8 T5 tokens with EOS
+SCHEDULER_SHIFT = 3.0
+DEFAULT_STEPS = 20
+TEXT_DIMS = SD3Dims(clip_hidden=32, clip_layers=1, clip_projection=32, t5_dim=64, t5_layers=1,
+                    vae_channels=VAE_CHANNELS, latent_channels=LATENT_CHANNELS, image_size=dataset.IMAGE_SIZE,
+                    t5_max_length=T5_MAX_LENGTH)
+TEXT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class ToyPreset:
+    """Transformer size and training defaults of one bundled model."""
+
+    name: str
+    layers: int
+    heads: int
+    head_dim: int
+    batch_size: int
+    lr: float
+    default_guidance: float
+    patch_size: int = 2
+
+
+PRESETS: dict[str, ToyPreset] = {
+    "small": ToyPreset("glide-small", layers=6, heads=4, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0),
+    "tiny": ToyPreset("glide-tiny", layers=3, heads=2, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0),
+}
+
+
+def preset(size: str) -> ToyPreset:
+    if size not in PRESETS:
+        raise ValueError(f"unknown toy model size {size!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[size]
+
+
+def latent_side() -> int:
+    return dataset.IMAGE_SIZE // 2 ** (len(VAE_CHANNELS) - 1)
+
+
+def build_transformer(p: ToyPreset, seed: int = 0):
+    """An untrained ``SD3Transformer2DModel`` of the preset's size, wired to the shared text encoders."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=latent_side(), patch_size=p.patch_size, in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS, num_layers=p.layers, attention_head_dim=p.head_dim,
+        num_attention_heads=p.heads, joint_attention_dim=TEXT_DIMS.t5_dim,
+        caption_projection_dim=p.heads * p.head_dim, pooled_projection_dim=2 * TEXT_DIMS.clip_projection,
+        pos_embed_max_size=latent_side() // p.patch_size * 2, qk_norm="rms_norm",
+    )
+
+
+def clip_max_length() -> int:
+    """Tokens of the longest caption (BOS and EOS included): CLIP is padded to exactly this.
+
+    Truncating a caption would drop its EOS token, whose hidden state is CLIP's pooled
+    output, so the length must cover every caption of the task.
+    """
+    tokenizer = build_clip_tokenizer()
+    return max(len(tokenizer(text).input_ids) for text in dataset.all_captions())
+
+
+def build_text_components() -> dict:
+    """The frozen text side shared by every toy model: two CLIP encoders, T5 and their tokenizers."""
+    components = build_sd3_components(TEXT_DIMS, seed=TEXT_SEED)
+    text = {key: components[key] for key in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    length = clip_max_length()
+    text["tokenizer"] = build_clip_tokenizer(max_length=length)
+    text["tokenizer_2"] = build_clip_tokenizer(max_length=length)
+    text["tokenizer_3"] = build_t5_tokenizer(T5_MAX_LENGTH)
+    for module in (text["text_encoder"], text["text_encoder_2"], text["text_encoder_3"]):
+        module.requires_grad_(False).eval()
+    return text
+
+
+def assemble_pipeline(transformer, vae, text: dict):
+    """A ``StableDiffusion3Pipeline`` from trained parts (all in eval mode)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    transformer.eval()
+    vae.eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT), **text)
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings and pooled embeddings exactly as the SD3 pipeline computes them at serving time."""
+    embeds, pooled = [], []
+    for start in range(0, len(captions), 64):
+        chunk = captions[start:start + 64]
+        e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
+                                        do_classifier_free_guidance=False, max_sequence_length=T5_MAX_LENGTH)
+        embeds.append(e)
+        pooled.append(p)
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+def serving_defaults(p: ToyPreset) -> dict:
+    return {"default_steps": DEFAULT_STEPS, "default_guidance": p.default_guidance,
+            "max_sequence_length": T5_MAX_LENGTH}
+
+
+def save_model(pipe, p: ToyPreset, out: Path) -> None:
+    """Write the standard diffusers SD3 folder (safetensors only) plus ``serving.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "serving.json").write_text(json.dumps(serving_defaults(p), indent=2) + "\n")
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(param.numel() for param in module.parameters())

@@ -1,0 +1,208 @@
+"""Train a toy model end to end: autoencoder, latent dataset, then the SD3 transformer.
+
+The transformer is trained with the rectified-flow objective in the convention of
+``FlowMatchEulerDiscreteScheduler``: ``x_t = (1 - sigma) * x_0 + sigma * noise``, the model
+predicts ``noise - x_0`` and sees ``timestep = 1000 * sigma``; training sigmas follow the
+same shifted distribution the sampler walks through. Captions are dropped to the empty
+prompt 10% of the time so classifier-free guidance works, and an EMA of the weights is
+what gets saved. Learning rate is constant after warm-up, so a run cut by ``minutes`` and a
+run of the same number of ``steps`` are the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from glideserve.toy import dataset, recipe
+
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.999
+WARMUP_STEPS = 200
+SAMPLES_PER_CAPTION = 150
+# Transformer steps of the shipped models (what ``train-toy`` runs when given neither steps nor minutes).
+DEFAULT_TRAIN_STEPS = {"small": 3576, "tiny": 5704}
+DEFAULT_VAE_STEPS = 672
+
+
+@dataclass
+class LatentDataset:
+    """Scaled VAE latents of a fixed image set with each image's caption index.
+
+    ``embeds`` / ``pooled`` hold the text-encoder outputs of every caption, plus the empty
+    prompt as the last row (the unconditional branch of classifier-free guidance).
+    """
+
+    latents: torch.Tensor  # (N, C, h, w), already shifted and scaled as the pipeline expects
+    caption_index: torch.Tensor  # (N,) into embeds / pooled
+    embeds: torch.Tensor  # (num_captions + 1, L, D)
+    pooled: torch.Tensor  # (num_captions + 1, P)
+
+    @property
+    def empty_index(self) -> int:
+        return self.embeds.shape[0] - 1
+
+
+@torch.no_grad()
+def build_latent_dataset(pipe, seed: int, samples_per_caption: int = SAMPLES_PER_CAPTION,
+                         progress: bool = True) -> LatentDataset:
+    """Render, encode and scale a fixed dataset; encode every caption once with the pipeline's text side."""
+    captions = dataset.all_captions()
+    samples = dataset.random_samples(samples_per_caption * len(captions), seed)
+    lookup = {text: i for i, text in enumerate(captions)}
+    vae = pipe.vae
+    chunks = []
+    for start in tqdm(range(0, len(samples), 128), desc="latents", disable=not progress, unit="batch"):
+        images = dataset.to_model_range(dataset.render_batch(samples[start:start + 128]))
+        chunks.append(vae.encode(images).latent_dist.mean)
+    latents = (torch.cat(chunks) - vae.config.shift_factor) * vae.config.scaling_factor
+    embeds, pooled = recipe.encode_captions(pipe, captions + [""])
+    index = torch.tensor([lookup[s.caption] for s in samples])
+    return LatentDataset(latents, index, embeds, pooled)
+
+
+def flow_sigmas(u: torch.Tensor, shift: float = recipe.SCHEDULER_SHIFT) -> torch.Tensor:
+    """Map uniform ``u`` to the scheduler's shifted sigmas (the same map its timesteps use)."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def flow_loss(transformer, data: LatentDataset, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    x0 = data.latents[batch]
+    cond = data.caption_index[batch].clone()
+    cond[torch.rand(len(batch), generator=generator) < CAPTION_DROPOUT] = data.empty_index
+    sigma = flow_sigmas(torch.rand(len(batch), generator=generator))
+    noise = torch.randn(x0.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1)
+    noisy = (1.0 - s) * x0 + s * noise
+    pred = transformer(hidden_states=noisy, encoder_hidden_states=data.embeds[cond],
+                       pooled_projections=data.pooled[cond], timestep=sigma * 1000.0).sample
+    return torch.nn.functional.mse_loss(pred, noise - x0)
+
+
+class TransformerTrainer:
+    """Owns the transformer, its EMA copy, the optimizer and the data order; checkpointable."""
+
+    def __init__(self, p: recipe.ToyPreset, data: LatentDataset, seed: int = 0):
+        self.preset = p
+        self.data = data
+        self.model = recipe.build_transformer(p, seed)
+        self.model.train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=0.01)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+
+    def train_step(self) -> float:
+        for group in self.opt.param_groups:
+            group["lr"] = self.preset.lr * min(1.0, (self.step + 1) / WARMUP_STEPS)
+        batch = torch.randint(0, len(self.data.latents), (self.preset.batch_size,), generator=self.generator)
+        loss = flow_loss(self.model, self.data, batch, self.generator)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        decay = min(EMA_DECAY, (1.0 + self.step) / (10.0 + self.step))
+        with torch.no_grad():
+            for ema_param, param in zip(self.ema.parameters(), self.model.parameters()):
+                ema_param.lerp_(param, 1.0 - decay)
+        self.step += 1
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "generator": self.generator.get_state(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+
+    def run(self, *, steps: int | None, minutes: float | None, progress: bool = True,
+            checkpoint: Callable[["TransformerTrainer"], None] | None = None,
+            checkpoint_every_s: float = 300.0) -> None:
+        """Train until ``steps`` total steps or for ``minutes`` more minutes (exactly one is given)."""
+        if (steps is None) == (minutes is None):
+            raise ValueError("give exactly one of steps or minutes")
+        deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
+        bar = tqdm(total=steps, initial=self.step, desc=f"{self.preset.name} transformer",
+                   disable=not progress, unit="step")
+        last_checkpoint = time.monotonic()
+        running = None
+        while (steps is not None and self.step < steps) or (deadline is not None and time.monotonic() < deadline):
+            loss = self.train_step()
+            running = loss if running is None else 0.98 * running + 0.02 * loss
+            bar.update(1)
+            if self.step % 25 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+            if checkpoint is not None and time.monotonic() - last_checkpoint > checkpoint_every_s:
+                checkpoint(self)
+                last_checkpoint = time.monotonic()
+        bar.close()
+        if checkpoint is not None:
+            checkpoint(self)
+
+
+def load_vae_from(folder: Path):
+    from diffusers import AutoencoderKL
+
+    sub = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+    if not (sub / "config.json").is_file():
+        raise FileNotFoundError(f"no AutoencoderKL in {folder}: pass a model folder (with vae/) or a VAE folder")
+    return AutoencoderKL.from_pretrained(sub).eval()
+
+
+def train_toy_model(size: str, out: Path, *, steps: int | None = None, minutes: float | None = None,
+                    seed: int = 0, vae_from: Path | None = None, vae_steps: int = DEFAULT_VAE_STEPS,
+                    samples_per_caption: int = SAMPLES_PER_CAPTION, resume: bool = False,
+                    checkpoint_every_s: float = 300.0, progress: bool = True,
+                    latent_cache: Path | None = None) -> Path:
+    """Train one bundled-size model and write it to ``out`` in the diffusers SD3 layout.
+
+    The VAE is trained first (``vae_steps``) unless ``vae_from`` names a folder with a trained
+    one. Every checkpoint rewrites the model folder from the EMA weights, so an interrupted
+    run still leaves a loadable model, and ``resume`` continues from ``out/trainer_state.pt``.
+    ``latent_cache`` (a file) keeps the encoded image set between runs that share a VAE and seed.
+    """
+    from glideserve.toy import vae as toy_vae
+
+    p = recipe.preset(size)
+    out = Path(out)
+    state_file = out / "trainer_state.pt"
+    if resume and not state_file.is_file():
+        raise FileNotFoundError(f"nothing to resume: {state_file} does not exist; drop --resume to start fresh")
+    out.mkdir(parents=True, exist_ok=True)
+    if vae_from is not None:
+        vae = load_vae_from(Path(vae_from))
+    elif resume:
+        vae = load_vae_from(out)
+    else:
+        vae = toy_vae.train_vae(steps=vae_steps, minutes=None, seed=seed, progress=progress)
+    text = recipe.build_text_components()
+    pipe = recipe.assemble_pipeline(recipe.build_transformer(p, seed), vae, text)
+    if latent_cache is not None and Path(latent_cache).is_file():
+        cached = torch.load(latent_cache)
+        embeds, pooled = recipe.encode_captions(pipe, dataset.all_captions() + [""])
+        data = LatentDataset(cached["latents"], cached["caption_index"], embeds, pooled)
+    else:
+        data = build_latent_dataset(pipe, seed, samples_per_caption, progress)
+        if latent_cache is not None:
+            torch.save({"latents": data.latents, "caption_index": data.caption_index}, latent_cache)
+    trainer = TransformerTrainer(p, data, seed)
+    if resume:
+        trainer.load_state_dict(torch.load(state_file, weights_only=False))
+
+    def checkpoint(t: TransformerTrainer) -> None:
+        recipe.save_model(recipe.assemble_pipeline(t.ema, vae, text), p, out)
+        torch.save(t.state_dict(), state_file)
+
+    trainer.run(steps=steps, minutes=minutes, progress=progress, checkpoint=checkpoint,
+                checkpoint_every_s=checkpoint_every_s)
+    return out

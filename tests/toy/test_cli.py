@@ -1,0 +1,47 @@
+import json
+
+from typer.testing import CliRunner
+
+from glideserve.cli import app
+from glideserve.models.loading import bundled_model_dir
+
+runner = CliRunner()
+
+
+def test_train_toy_writes_a_loadable_sd3_folder(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["train-toy", "--size", "tiny", "--steps", "2", "--out", str(out), "--threads", "1",
+                                 "--vae-from", str(bundled_model_dir("glide-tiny")), "--samples-per-caption", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "serving.json").read_text())["default_steps"] == 20
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    assert pipe.transformer.config.num_layers == 3
+
+    resumed = runner.invoke(app, ["train-toy", "--size", "tiny", "--steps", "3", "--out", str(out), "--threads", "1",
+                                  "--resume", "--samples-per-caption", "1"])
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_train_toy_rejects_bad_options(tmp_path):
+    result = runner.invoke(app, ["train-toy", "--size", "huge", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "small, tiny" in result.output
+    result = runner.invoke(app, ["train-toy", "--steps", "5", "--minutes", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "not both" in result.output
+    result = runner.invoke(app, ["train-toy", "--vae-steps", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "must be positive" in result.output
+    result = runner.invoke(app, ["train-toy", "--steps", "5", "--resume", "--out", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "nothing to resume" in result.output
+
+
+def test_eval_judge_reports_accuracy_through_the_engine(tmp_path):
+    report_file, grid_file = tmp_path / "judge.json", tmp_path / "grid.png"
+    result = runner.invoke(app, ["eval", "judge", "--model", "glide-tiny", "--steps", "4", "--seeds", "1",
+                                 "--every", "21", "--json", str(report_file), "--grid", str(grid_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    assert report["num_images"] == 8 and report["steps"] == 4
+    assert set(report["accuracy"]) == {"background", "color", "shape", "all"}
+    assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
+    assert grid_file.stat().st_size > 0
