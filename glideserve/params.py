@@ -52,6 +52,8 @@ class GenerationParams:
         seed = secrets.randbelow(2**31) if self.seed is None else self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise InvalidRequestError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}", "seed")
+        if spec.max_side is not None:
+            max_image_side = min(max_image_side, spec.max_side)
         height = spec.default_height if self.height is None else self.height
         width = spec.default_width if self.width is None else self.width
         for field, value in (("height", height), ("width", width)):

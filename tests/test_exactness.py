@@ -106,3 +106,8 @@ def test_seed_reproduces_and_differs(tiny_sd3_dir):
     # Same seed in two rows of one batch: equal up to float rounding of the batched matmuls.
     assert np.abs(a - b).max() <= 2
     assert np.abs(a - c).mean() > 5
+
+
+def test_spec_limits_sizes_to_the_position_table(tiny_sd3_dir):
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=MAX_SEQ)
+    assert engine.spec.max_side == 64 * 2 * 2  # pos_embed_max_size x patch x VAE factor

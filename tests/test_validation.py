@@ -51,3 +51,13 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_garbage(text):
     with pytest.raises(InvalidRequestError, match="size"):
         parse_size(text)
+
+
+def test_sizes_beyond_the_models_position_table_are_refused():
+    import dataclasses
+
+    spec = dataclasses.replace(SPEC, max_side=128)
+    assert GenerationParams("a", height=128, width=128).resolve(spec).height == 128
+    with pytest.raises(InvalidRequestError, match="16..128") as info:
+        GenerationParams("a", height=192, width=128).resolve(spec)
+    assert info.value.param == "height"

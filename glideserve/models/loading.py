@@ -131,9 +131,11 @@ def spec_from_pipeline(pipe, name: str, defaults: dict | None = None) -> ModelSp
         denoiser = pipe.transformer
         patch, steps, guidance = denoiser.config.patch_size, 28, 7.0
         max_tokens = pipe.tokenizer.model_max_length
+        pos_max = denoiser.config.pos_embed_max_size
+        max_side = pos_max * patch * vae_factor if pos_max else None
     else:
         denoiser = pipe.unet
-        patch, steps, guidance = 1, 50, (5.0 if family == "sdxl" else 7.5)
+        patch, steps, guidance, max_side = 1, 50, (5.0 if family == "sdxl" else 7.5), None
         max_tokens = pipe.tokenizer.model_max_length
         if denoiser.config.time_cond_proj_dim is not None:
             raise ModelLoadError("guidance-distilled UNets (time_cond_proj_dim, e.g. LCM) are not supported yet")
@@ -147,6 +149,7 @@ def spec_from_pipeline(pipe, name: str, defaults: dict | None = None) -> ModelSp
         default_steps=int(defaults.get("default_steps", steps)),
         default_guidance=float(defaults.get("default_guidance", guidance)),
         samplers=names, default_sampler=_default_sampler(pipe, names), max_prompt_tokens=max_tokens,
+        max_side=max_side,
     )
 
 

@@ -25,6 +25,7 @@ class ModelSpec:
     samplers: tuple[str, ...]
     default_sampler: str
     max_prompt_tokens: int
+    max_side: int | None = None  # largest image side the denoiser can take (SD3: its position table)
 
     @property
     def size_multiple(self) -> int:
