@@ -35,4 +35,3 @@ def openai_client(server):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "browser: drives the playground in headless Chromium")
