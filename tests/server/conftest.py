@@ -32,6 +32,3 @@ def openai_client(server):
 
     with OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=120) as client:
         yield client
-
-
-def pytest_configure(config):
