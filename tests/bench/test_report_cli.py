@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from glideserve.bench import plots
+from glideserve.bench.arrivals import make_schedule
 from glideserve.bench.metrics import summarize
 from glideserve.bench.records import RequestRecord, read_records_csv
 from glideserve.bench.report import latency_markdown, load_markdown, sweep_markdown
@@ -115,11 +116,14 @@ def test_bench_load_replays_a_trace_with_its_prompt_ids(image_server, tmp_path):
         "--duration", "0.2", "--prompts", str(prompts), "--slo-ms", "5000", "--isolated", "0", "--no-peak",
         "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    # 6 arrivals 1 s apart have a mean rate of 6/5 req/s; at 20 req/s they are 0.06 s apart: 4 fall before 0.2 s
+    # The whole trace is fitted into 0.2 s and thinned (seeded) to 20 req/s x 0.2 s = 4 arrivals.
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["server"]
     assert summary["requests"] == 4 and summary["offered_rate"] == 4 / 0.2
+    kept = make_schedule("trace", trace=trace, rate=20, duration_s=0.2, seed=0).prompt_ids
+    trace_ids = [4, 0, 2, 1, 3, 5]
+    assert [trace_ids.index(pid) for pid in kept] == sorted(trace_ids.index(pid) for pid in kept)  # trace order
     bodies = sorted((body for _, body in image_server.received), key=lambda b: b["seed"])
-    assert [b["prompt"] for b in bodies] == ["one", "zero", "two", "one"]  # prompt ids 4, 0, 2, 1 mod 3
+    assert [b["prompt"] for b in bodies] == [["zero", "one", "two"][pid % 3] for pid in kept]
     assert summary["isolated_latency_s"] is None
 
 
