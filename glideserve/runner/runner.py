@@ -107,12 +107,12 @@ class ModelRunner:
                 if s.params.uses_cfg:
                     uncond, text = pred.chunk(2)
                     pred = uncond + s.params.guidance_scale * (text - uncond)
-                s.latents = s.sampler.step(pred, s.latents)
+                s.latents, denoised = s.sampler.step(pred, s.latents)
                 out.stepped.append(s.request_id)
                 if s.sampler.done:
                     self._decode_queue.append(s.request_id)
                 elif s.sampler.index in s.preview_steps:
-                    out.previews[s.request_id] = self._preview(s)
+                    out.previews[s.request_id] = self._preview(s.latents if denoised is None else denoised)
         except Exception as exc:  # fail the group's requests; the engine keeps serving others
             log.exception("denoising step failed for %d requests", len(states))
             for s in states:
@@ -121,9 +121,9 @@ class ModelRunner:
                 if s.request_id in out.stepped:
                     out.stepped.remove(s.request_id)
 
-    def _preview(self, state: RequestState):
-        """Half-resolution decode of the current latents; only for requests that asked."""
-        image = self.family.decode(state.latents)[0]
+    def _preview(self, latents: torch.Tensor):
+        """Half-resolution decode of the predicted clean image; only for requests that asked."""
+        image = self.family.decode(latents)[0]
         return image.resize((max(1, image.width // 2), max(1, image.height // 2)))
 
     # -- decode ----------------------------------------------------------------------

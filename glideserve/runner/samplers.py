@@ -73,10 +73,23 @@ class Sampler:
     def scale_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.scheduler.scale_model_input(x, self.timestep) if self.scales_input else x
 
-    def step(self, model_output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        out = self.scheduler.step(model_output, self.timestep, latents, **self.step_kwargs, return_dict=False)[0]
+    def step(self, model_output: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Advance one step: ``(next latents, predicted clean latents or None)``.
+
+        The prediction (x0) feeds previews: schedulers that report it (DDIM, Euler) give
+        ``pred_original_sample``; flow matching gives ``x - sigma * v``; others give None.
+        """
+        sigma = self.scheduler.sigmas[self.index] if self.flow_matching else None
+        out = self.scheduler.step(model_output, self.timestep, latents, **self.step_kwargs, return_dict=True)
         self.index += 1
-        return out
+        denoised = getattr(out, "pred_original_sample", None)
+        if denoised is None and sigma is not None:
+            denoised = latents - sigma.to(latents) * model_output
+        return out.prev_sample, denoised
+
+    @property
+    def flow_matching(self) -> bool:
+        return isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)
 
 
 class SamplerFactory:
