@@ -2,12 +2,14 @@
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``playwright``
 Python package; the browser is the system one, so no browser download is involved.
-The screenshot is written to docs/playground.png.
+The screenshot goes to a temporary folder; set GLIDESERVE_UPDATE_SCREENSHOT=1 to
+refresh the README's docs/playground.png instead.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from live_server import LiveServer
 from glideserve.server import ServerConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
+DOC_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
 BUNDLED_MODEL = "glide-tiny"
 STEPS = 20
 IMAGES = 3
@@ -47,8 +49,9 @@ def toy_server():
         yield live
 
 
-def test_playground_generates_with_live_progress_and_previews(toy_server):
+def test_playground_generates_with_live_progress_and_previews(toy_server, tmp_path):
     server = toy_server
+    screenshot = DOC_SCREENSHOT if os.environ.get("GLIDESERVE_UPDATE_SCREENSHOT") else tmp_path / "playground.png"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -73,7 +76,7 @@ def test_playground_generates_with_live_progress_and_previews(toy_server):
             error = page.text_content("#error")
             page.wait_for_function("parseFloat(document.getElementById('stat-rate').textContent) > 0")
             SCREENSHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.screenshot(path=str(screenshot), full_page=True)
             sources = page.eval_on_selector_all("#gallery img", "els => els.map((e) => e.src)")
             previews = page.locator("#jobs .previews img").count()
         finally:
