@@ -75,7 +75,7 @@ def test_playground_generates_with_live_progress_and_previews(toy_server, tmp_pa
             statuses = page.locator("#jobs .status").all_text_contents()
             error = page.text_content("#error")
             page.wait_for_function("parseFloat(document.getElementById('stat-rate').textContent) > 0")
-            SCREENSHOT.parent.mkdir(exist_ok=True)
+            screenshot.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
             sources = page.eval_on_selector_all("#gallery img", "els => els.map((e) => e.src)")
             previews = page.locator("#jobs .previews img").count()
@@ -86,4 +86,4 @@ def test_playground_generates_with_live_progress_and_previews(toy_server, tmp_pa
     assert any(text.startswith("step ") and text != f"step {STEPS}/{STEPS}" for text in seen), seen
     assert all(src.startswith("data:image/png;base64,") for src in sources)
     assert previews == IMAGES * PREVIEWS
-    assert SCREENSHOT.stat().st_size > 0
+    assert screenshot.stat().st_size > 0
