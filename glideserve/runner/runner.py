@@ -148,7 +148,3 @@ class ModelRunner:
             elapsed = time.perf_counter() - start
             for s, image in zip(states, images):
                 out.finished[s.request_id] = (image, elapsed)
-
-    @property
-    def num_pending_decode(self) -> int:
-        return len(self._decode_queue)
