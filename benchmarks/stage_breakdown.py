@@ -36,8 +36,8 @@ def engine_breakdown(model: str, inflight: int, steps: int, images: int) -> tupl
         events = engine.step()
         stats = engine.core.last_step
         for name in ("prefill_s", "denoise_s", "decode_s"):
-            totals[name] += stats.timing[name]
-        totals["other_s"] += stats.duration_s - sum(stats.timing.values())
+            totals[name] += getattr(stats.timing, name)
+        totals["other_s"] += stats.duration_s - stats.timing.total_s
         done += sum(isinstance(e, GenerationResult) for e in events)
     return totals, time.perf_counter() - start
 

@@ -6,26 +6,63 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from glideserve.scheduler.policy import POLICY_NAMES
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Per-step budget and queue bound.
+    """Per-step budget, queue bound, and the scheduling policy with its deadline rules.
 
-    ``max_batch_rows`` counts model rows (a request with classifier-free guidance
-    takes two); ``max_latent_tokens`` bounds rows x latent tokens per row, so large
-    images take more of the budget than small ones. ``max_waiting`` bounds the queue:
-    beyond it ``add_request`` raises QueueFullError.
+    Budget: ``max_batch_rows`` counts model rows (a request with classifier-free
+    guidance takes two); ``max_latent_tokens`` bounds rows x latent tokens per row, so
+    large images take more of the budget than small ones. ``max_waiting`` bounds the
+    queue: beyond it ``add_request`` raises QueueFullError.
+
+    Policy (see ``glideserve.scheduler.policy``): ``policy`` is ``fcfs``, ``edf`` or
+    ``slack``. Under the deadline-aware ones, a request that the latency profile
+    predicts to finish later than ``drop_late_after`` x its SLO past its deadline is
+    dropped (``None``: never dropped); at most ``max_paused`` requests may be paused by
+    preemption at once (0 turns preemption off); a best-effort request that has waited
+    ``best_effort_wait_s`` is ordered as if its deadline were then.
+
+    ``max_bypass_steps`` bounds head-of-line blocking between sizes: a request that
+    does not fit the budget lets later (smaller) ones pass for at most this many steps,
+    then admission waits for it. ``max_decode_batch`` bounds the images one VAE call
+    decodes; while requests wait for capacity, a finished image may wait up to
+    ``max_decode_wait_steps`` steps (and never past its deadline) to be decoded with
+    others. ``max_prefill_batch`` bounds the prompts one text-encoder call encodes
+    (arrivals plus waiting requests encoded ahead of their turn).
     """
 
     max_batch_rows: int = 16
     max_latent_tokens: int = 65536
     max_waiting: int = 256
+    policy: str = "slack"
+    drop_late_after: float | None = 0.5
+    max_paused: int = 4
+    best_effort_wait_s: float = 60.0
+    max_bypass_steps: int = 64
+    max_decode_batch: int = 8
+    max_decode_wait_steps: int = 4
+    max_prefill_batch: int = 16
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"SchedulerConfig.{f.name} must be a positive integer, got {value!r}")
+        for name in ("max_batch_rows", "max_latent_tokens", "max_waiting", "max_bypass_steps", "max_decode_batch",
+                     "max_prefill_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("max_paused", "max_decode_wait_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SchedulerConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if self.drop_late_after is not None and not 0 <= self.drop_late_after <= 100:
+            raise ValueError(f"drop_late_after must be in 0..100 (a multiple of the SLO) or None, "
+                             f"got {self.drop_late_after!r}")
+        if not 0 < self.best_effort_wait_s <= 86_400:
+            raise ValueError(f"best_effort_wait_s must be in (0, 86400], got {self.best_effort_wait_s!r}")
 
 
 @dataclass(frozen=True)
@@ -34,9 +71,14 @@ class EngineConfig:
 
     ``device``/``dtype`` default to CPU float32 (bf16 is very slow on CPUs without
     AMX). ``max_sequence_length`` is the T5 token budget for SD3 models (None: the
-    model folder's serving.json, else diffusers' default 256). ``prompt_cache_size`` is the number of prompt embeddings kept in the
-    LRU. ``max_decode_batch`` bounds how many images one step decodes, so a burst of
-    finishing requests cannot stall the next denoising step for long.
+    model folder's serving.json, else diffusers' default 256). ``prompt_cache_size``
+    is the number of prompt embeddings kept in the LRU.
+
+    ``profile`` measures the latency profile at load time (a sweep of a few seconds
+    per image size in ``profile_sizes``, default the model's default size), reusing
+    the JSON cache at ``profile_cache`` when it holds an entry for this model, size,
+    dtype, device and thread count (``None``: the user's cache directory). Without it
+    the profile starts empty and learns from the first steps.
     """
 
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -44,16 +86,18 @@ class EngineConfig:
     dtype: str = "float32"
     max_sequence_length: int | None = None
     prompt_cache_size: int = 256
-    max_decode_batch: int = 8
     max_image_side: int = 2048
     num_threads: int | None = None
+    profile: bool = False
+    profile_cache: str | None = None
+    profile_sizes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
             raise ValueError("max_sequence_length must be in 1..512")
-        for name in ("prompt_cache_size", "max_decode_batch", "max_image_side"):
+        for name in ("prompt_cache_size", "max_image_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 

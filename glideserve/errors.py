@@ -39,6 +39,29 @@ class QueueFullError(GlideServeError):
     code = "queue_full"
 
 
+class SLOUnattainableError(GlideServeError):
+    """Refused at admission: by the latency profile, the request would finish after its deadline.
+
+    ``predicted_s`` is the predicted latency from arrival to image; ``retry_after_s``
+    a wait after which the same request is predicted to fit.
+    """
+
+    http_status = 429
+    code = "slo_unattainable"
+
+    def __init__(self, message: str, predicted_s: float, retry_after_s: float, param: str | None = "slo_ms"):
+        super().__init__(message, param)
+        self.predicted_s = predicted_s
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(GlideServeError):
+    """An admitted request was dropped: it was predicted to miss its deadline by more than the tolerance."""
+
+    http_status = 503
+    code = "deadline_exceeded"
+
+
 class EngineStoppedError(GlideServeError):
     """The engine is shutting down and admits no new requests."""
 

@@ -14,6 +14,8 @@ MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_GUIDANCE = 100.0
 MAX_PARTIAL_IMAGES = 3
+MAX_PRIORITY = 1000
+MAX_SLO_MS = 86_400_000.0  # one day
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,14 @@ class GenerationParams:
     ``resolve`` fills the defaults and validates every field, raising
     :class:`InvalidRequestError` (never ``AssertionError``) with a message that names
     the field and the accepted range. A resolved instance has no ``None`` left except
-    ``negative_prompt`` (``None`` keeps the pipeline's own default negative conditioning).
+    ``negative_prompt`` (``None`` keeps the pipeline's own default negative conditioning)
+    and ``slo_ms``.
+
+    ``slo_ms`` is the latency target from arrival to image: the request's deadline is
+    its arrival plus ``slo_ms``; ``None`` makes it best effort (served after requests
+    with deadlines, never refused or dropped for lateness). ``priority`` (higher is
+    served first, -1000..1000) orders best-effort requests and breaks ties between
+    requests with deadlines.
     """
 
     prompt: str
@@ -36,6 +45,8 @@ class GenerationParams:
     sampler: str | None = None
     request_id: str | None = None
     partial_images: int = 0
+    slo_ms: float | None = None
+    priority: int = 0
 
     def resolve(self, spec: ModelSpec, max_image_side: int = 2048) -> "GenerationParams":
         _check_prompt(self.prompt, "prompt")
@@ -63,13 +74,22 @@ class GenerationParams:
             raise InvalidRequestError(
                 f"partial_images must be an integer in 0..{MAX_PARTIAL_IMAGES}, got {self.partial_images!r}",
                 "partial_images")
+        if self.slo_ms is not None and (isinstance(self.slo_ms, bool) or not isinstance(self.slo_ms, (int, float))
+                                        or not 0 < self.slo_ms <= MAX_SLO_MS):
+            raise InvalidRequestError(f"slo_ms must be a number in (0, {MAX_SLO_MS:.0f}], got {self.slo_ms!r}",
+                                      "slo_ms")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) \
+                or not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise InvalidRequestError(
+                f"priority must be an integer in -{MAX_PRIORITY}..{MAX_PRIORITY}, got {self.priority!r}", "priority")
         sampler = spec.default_sampler if self.sampler is None else self.sampler
         if sampler not in spec.samplers:
             raise InvalidRequestError(
                 f"unknown sampler {sampler!r} for a {spec.family} model; choose one of {', '.join(spec.samplers)}",
                 "sampler")
+        slo_ms = None if self.slo_ms is None else float(self.slo_ms)
         return dataclasses.replace(self, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
-                                   height=height, width=width, sampler=sampler)
+                                   height=height, width=width, sampler=sampler, slo_ms=slo_ms)
 
     def preview_steps(self, num_steps: int) -> frozenset[int]:
         """Steps (counted from 1) after which a preview is produced: evenly spaced, never the last."""

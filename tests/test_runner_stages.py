@@ -42,8 +42,29 @@ def test_decode_is_batched_and_bounded_per_step(tiny_sd3_dir):
     finished_per_step = []
     while engine.has_unfinished():
         finished_per_step.append(sum(isinstance(e, GenerationResult) for e in engine.step()))
-    assert calls == [2, 1]  # at most max_decode_batch images per step, the rest on the next step
-    assert finished_per_step[-2:] == [2, 1]
+    assert calls == [2, 1]  # at most max_decode_batch images per VAE call, the rest on the next step
+    assert finished_per_step == [0, 0, 2, 1]
+
+
+def test_finished_images_wait_for_companions_while_the_engine_is_saturated(tiny_sd3_dir):
+    # Two guided requests fill the 4-row budget and a third waits: the first to finish is held
+    # (at most max_decode_wait_steps) and decoded together with others.
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, max_batch_rows=4,
+                                    max_decode_wait_steps=2, policy="fcfs")
+    runner = engine.core.runner
+    calls: list[int] = []
+    _counting(runner.family, "decode", calls)
+    engine.add_request(GenerationParams("a", num_inference_steps=3, seed=0))
+    engine.step()
+    engine.add_request(GenerationParams("b", num_inference_steps=3, seed=1))
+    engine.add_request(GenerationParams("c", num_inference_steps=2, seed=2))
+    results = {}
+    while engine.has_unfinished():
+        for event in engine.step():
+            if isinstance(event, GenerationResult):
+                results[event.params.prompt] = event
+    assert len(calls) < 3 and sum(calls) == 3
+    assert results["a"].timings.decode_s == results["b"].timings.decode_s  # one call
 
 
 def test_different_sizes_never_share_a_forward(tiny_sd3_dir):

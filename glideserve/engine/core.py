@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glideserve.config import EngineConfig
+from glideserve.engine.profiling import load_or_measure
 from glideserve.models.loading import load_pipeline, serving_defaults, spec_from_pipeline
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent
@@ -23,6 +24,8 @@ from glideserve.runner.families.sd3 import SD3Family
 from glideserve.runner.families.unet import SD15Family, SDXLFamily
 from glideserve.runner.runner import ModelRunner
 from glideserve.runner.samplers import SamplerFactory
+from glideserve.scheduler.output import StageTiming
+from glideserve.scheduler.profile import LatencyProfile
 from glideserve.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepStats:
-    """What one engine step did, for metrics and benchmarks (seconds)."""
+    """What one engine step did, for metrics and benchmarks (seconds).
+
+    ``num_decoded`` images were decoded; ``num_preempted`` requests were paused and
+    ``num_resumed`` resumed at this step; ``timing`` is the runner's per-stage timing.
+    """
 
     duration_s: float
     num_requests: int
@@ -38,7 +45,10 @@ class StepStats:
     num_new: int
     num_waiting: int
     num_running: int
-    timing: dict = field(default_factory=dict)
+    num_decoded: int = 0
+    num_preempted: int = 0
+    num_resumed: int = 0
+    timing: StageTiming = field(default_factory=StageTiming)
 
 
 class EngineCore:
@@ -49,11 +59,12 @@ class EngineCore:
     iteration and returns the events it produced.
     """
 
-    def __init__(self, runner: ModelRunner, spec: ModelSpec, config: EngineConfig):
+    def __init__(self, runner: ModelRunner, spec: ModelSpec, config: EngineConfig,
+                 profile: LatencyProfile | None = None):
         self.runner = runner
         self.spec = spec
         self.config = config
-        self.scheduler = Scheduler(config.scheduler)
+        self.scheduler = Scheduler(config.scheduler, profile=profile)
         self.last_step: StepStats | None = None
         self.steps_total = 0
         self._ids = itertools.count()
@@ -75,7 +86,9 @@ class EngineCore:
         family = _family(pipe, spec, device, config)
         denoiser_config = pipe.transformer.config if spec.family == "sd3" else None
         samplers = SamplerFactory(spec.family, pipe.scheduler, device, denoiser_config)
-        return cls(ModelRunner(family, samplers, config), spec, config)
+        runner = ModelRunner(family, samplers, config)
+        profile = load_or_measure(model, runner, spec, config) if config.profile else None
+        return cls(runner, spec, config, profile)
 
     @classmethod
     def load(cls, model: str, *, config: EngineConfig | None = None, single_file_config: str | None = None,
@@ -96,7 +109,7 @@ class EngineCore:
         request = Request(
             rid, resolved, num_steps=num_steps, rows=2 if resolved.uses_cfg else 1,
             tokens_per_row=self.spec.tokens_per_row(resolved.height, resolved.width),
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+            arrival_time=self.scheduler.clock() if arrival_time is None else arrival_time)
         self.scheduler.add_request(request)
         return request
 
@@ -121,7 +134,8 @@ class EngineCore:
     def _record(self, plan, result, duration: float) -> None:
         self.steps_total += 1
         self.last_step = StepStats(duration, len(plan.scheduled), plan.num_rows, len(plan.new_requests),
-                                   self.scheduler.num_waiting, self.scheduler.num_running, result.timing)
+                                   self.scheduler.num_waiting, self.scheduler.num_running, len(result.finished),
+                                   len(plan.preempted), len(plan.resumed), result.timing)
 
 
 def _family(pipe, spec: ModelSpec, device: torch.device, config: EngineConfig) -> DenoiserFamily:

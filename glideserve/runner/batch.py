@@ -17,6 +17,7 @@ class RequestState:
 
     ``cond`` holds ``rows`` rows (unconditional first when guidance is on), so the
     batch's conditioning is the concatenation of its members' ``cond`` in order.
+    ``tokens_per_row`` (latent tokens of one row at its size) keys its timings.
     """
 
     request_id: str
@@ -25,6 +26,7 @@ class RequestState:
     sampler: Sampler
     cond: Cond
     generator: torch.Generator
+    tokens_per_row: int
     preview_steps: frozenset[int] = frozenset()
 
     @property

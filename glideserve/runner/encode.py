@@ -39,3 +39,7 @@ class PromptEncoder:
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
         return result
+
+    def clear(self) -> None:
+        """Forget every cached embedding (counters are kept)."""
+        self._cache.clear()

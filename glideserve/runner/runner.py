@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 
 import torch
 
@@ -13,7 +12,8 @@ from glideserve.runner.batch import PersistentBatch, RequestState
 from glideserve.runner.encode import PromptEncoder
 from glideserve.runner.families.base import DenoiserFamily
 from glideserve.runner.samplers import SamplerFactory
-from glideserve.scheduler.output import NewRequestData, RunnerOutput, SchedulerOutput
+from glideserve.scheduler.output import (DecodeTiming, FinishedImage, GroupTiming, NewRequestData, RunnerOutput,
+                                        SchedulerOutput)
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +21,12 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     """Owns the persistent batch and runs prefill, one denoising step, and decode.
 
-    ``execute`` frees the ids the scheduler released, prefills new requests (batched
-    text encoding, seeded noise, a sampler each), runs one batched forward per image
-    size with every row at its own timestep, steps each request's sampler on its
-    slice, and decodes (batched, at most ``max_decode_batch`` images) the requests
-    whose last step just ran. It never decides who runs: that is the scheduler's.
+    ``execute`` frees the ids the scheduler released, prefills new requests (one
+    batched text-encoder call with the prompts it is asked to encode ahead, seeded
+    noise, a sampler each), runs one batched forward per image size with every row at
+    its own timestep, steps each request's sampler on its slice, and decodes (one
+    batched VAE call per size) the denoised requests the plan lists. It never decides
+    who runs or when to decode: that is the scheduler's.
     """
 
     def __init__(self, family: DenoiserFamily, samplers: SamplerFactory, config: EngineConfig):
@@ -34,30 +35,31 @@ class ModelRunner:
         self.config = config
         self.batch = PersistentBatch()
         self.encoder = PromptEncoder(family, config.prompt_cache_size)
-        self._decode_queue: deque[str] = deque()
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         out = RunnerOutput()
+        timing = out.timing
         for rid in plan.freed:
             self.batch.remove(rid)
-            if rid in self._decode_queue:
-                self._decode_queue.remove(rid)
         t0 = time.perf_counter()
         if plan.new_requests:
-            self._prefill(plan.new_requests, out)
+            self._prefill(plan.new_requests, plan.encode_ahead, out)
+            timing.prefill_requests = len(plan.new_requests) + len(plan.encode_ahead)
         t1 = time.perf_counter()
         for states in self.batch.groups(plan.scheduled).values():
             self._denoise_group(states, out)
         t2 = time.perf_counter()
-        self._decode(out)
-        out.timing = {"prefill_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": time.perf_counter() - t2}
+        if plan.decode:
+            self._decode(plan.decode, out)
+        timing.prefill_s, timing.denoise_s, timing.decode_s = t1 - t0, t2 - t1, time.perf_counter() - t2
         return out
 
     # -- prefill -------------------------------------------------------------------
-    def _prefill(self, new: tuple[NewRequestData, ...], out: RunnerOutput) -> None:
+    def _prefill(self, new: tuple[NewRequestData, ...], ahead: tuple[str, ...], out: RunnerOutput) -> None:
         texts = [d.params.prompt for d in new]
         texts += [d.params.negative_prompt or "" for d in new if d.params.uses_cfg]
+        texts += ahead  # waiting requests' prompts, encoded now in the same call so their prefill hits the cache
         try:
             embeds = self.encoder.encode(texts)
         except Exception as exc:  # a failing text encoder fails these requests, not the engine
@@ -87,10 +89,11 @@ class ModelRunner:
         for name, value in family.row_cond(p).items():
             cond[name] = value.expand(len(rows), *value.shape[1:])
         return RequestState(data.request_id, p, latents, sampler, cond, generator,
-                            p.preview_steps(len(sampler.timesteps)))
+                            family.spec.tokens_per_row(p.height, p.width), p.preview_steps(len(sampler.timesteps)))
 
     # -- one denoising step for one image size --------------------------------------
     def _denoise_group(self, states: list[RequestState], out: RunnerOutput) -> None:
+        start = time.perf_counter()
         try:
             inputs, timesteps = [], []
             for s in states:
@@ -109,10 +112,10 @@ class ModelRunner:
                     pred = uncond + s.params.guidance_scale * (text - uncond)
                 s.latents, denoised = s.sampler.step(pred, s.latents)
                 out.stepped.append(s.request_id)
-                if s.sampler.done:
-                    self._decode_queue.append(s.request_id)
-                elif s.sampler.index in s.preview_steps:
+                if not s.sampler.done and s.sampler.index in s.preview_steps:
                     out.previews[s.request_id] = self._preview(s.latents if denoised is None else denoised)
+            out.timing.groups.append(GroupTiming(states[0].tokens_per_row, sum(s.rows for s in states), len(states),
+                                                 time.perf_counter() - start))
         except Exception as exc:  # fail the group's requests; the engine keeps serving others
             log.exception("denoising step failed for %d requests", len(states))
             for s in states:
@@ -127,15 +130,14 @@ class ModelRunner:
         return image.resize((max(1, image.width // 2), max(1, image.height // 2)))
 
     # -- decode ----------------------------------------------------------------------
-    def _decode(self, out: RunnerOutput) -> None:
-        ready = []
-        while self._decode_queue and len(ready) < self.config.max_decode_batch:
-            state = self.batch.remove(self._decode_queue.popleft())
-            if state is not None:
-                ready.append(state)
+    def _decode(self, request_ids: tuple[str, ...], out: RunnerOutput) -> None:
         groups: dict[tuple[int, int], list[RequestState]] = {}
-        for s in ready:
-            groups.setdefault(s.shape_key, []).append(s)
+        for rid in request_ids:
+            state = self.batch.remove(rid)
+            if state is None or not state.sampler.done:
+                out.failed.setdefault(rid, "internal error: asked to decode a request that has not finished denoising")
+                continue
+            groups.setdefault(state.shape_key, []).append(state)
         for states in groups.values():
             start = time.perf_counter()
             try:
@@ -146,5 +148,6 @@ class ModelRunner:
                     out.failed[s.request_id] = f"decode failed: {exc}"
                 continue
             elapsed = time.perf_counter() - start
+            out.timing.decodes.append(DecodeTiming(states[0].tokens_per_row, len(states), elapsed))
             for s, image in zip(states, images):
-                out.finished[s.request_id] = (image, elapsed)
+                out.finished[s.request_id] = FinishedImage(image, elapsed)

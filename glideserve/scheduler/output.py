@@ -1,8 +1,10 @@
-"""The contract between scheduler and runner: the only thing the runner is told."""
+"""The contract between scheduler and runner: what the runner is told, and what it reports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from PIL import Image
 
 from glideserve.params import GenerationParams
 
@@ -19,35 +21,92 @@ class NewRequestData:
 class SchedulerOutput:
     """One engine step's plan.
 
-    ``new_requests`` are prefilled (text encoded, noise drawn) and then stepped;
-    ``scheduled`` lists every request id that advances one denoising step now, new
-    ones included, in batch order; ``freed`` lists ids whose runner state must be
-    released before anything runs (aborted requests). The runner releases a request
-    that finished denoising by itself, once its image is decoded.
+    - ``new_requests`` are prefilled (text encoded, noise drawn) and then stepped;
+    - ``scheduled`` lists every request id that advances one denoising step now, new
+      and resumed ones included, grouped by the runner per image size;
+    - ``freed`` lists ids whose runner state must be released before anything runs
+      (aborted or dropped requests);
+    - ``decode`` lists requests whose denoising is done and whose image is decoded now,
+      in one batched VAE call per size; the runner keeps a denoised request's latents
+      until it is listed here (or freed);
+    - ``encode_ahead`` holds prompt texts of waiting requests, encoded in the same
+      text-encoder call as the new requests' so that their own prefill hits the cache;
+    - ``preempted`` ids were paused at this step boundary: not stepped, their runner
+      state kept; ``resumed`` ids run again (listed in ``scheduled`` too).
     """
 
     new_requests: tuple[NewRequestData, ...] = ()
     scheduled: tuple[str, ...] = ()
     freed: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()
+    encode_ahead: tuple[str, ...] = ()
+    preempted: tuple[str, ...] = ()
+    resumed: tuple[str, ...] = ()
     num_rows: int = 0
     num_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
-        return not (self.new_requests or self.scheduled or self.freed)
+        return not (self.new_requests or self.scheduled or self.freed or self.decode)
+
+
+@dataclass(frozen=True)
+class FinishedImage:
+    """A decoded image and the seconds of the batched decode call that produced it."""
+
+    image: Image.Image
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class GroupTiming:
+    """One denoising forward: image size (as latent tokens per row), rows, requests and seconds
+    (the forward plus the per-request sampler updates)."""
+
+    tokens_per_row: int
+    rows: int
+    requests: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """One batched VAE decode: image size (as latent tokens per row), images and seconds."""
+
+    tokens_per_row: int
+    images: int
+    seconds: float
+
+
+@dataclass
+class StageTiming:
+    """Seconds one ``execute`` spent per stage; ``prefill_requests`` counts the requests whose
+    prompts the prefill encoded (new and encoded-ahead)."""
+
+    prefill_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_requests: int = 0
+    groups: list[GroupTiming] = field(default_factory=list)
+    decodes: list[DecodeTiming] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.denoise_s + self.decode_s
 
 
 @dataclass
 class RunnerOutput:
-    """What one ``ModelRunner.execute`` did: which requests stepped, finished or failed.
+    """What one ``ModelRunner.execute`` did.
 
-    ``finished`` maps request id to ``(PIL image, decode seconds)``; ``failed`` maps
-    request id to an error message; ``previews`` maps request id to a low-resolution
-    PIL image of its current latents (only for requests that asked); ``timing`` holds seconds spent per stage.
+    ``stepped``: ids that advanced one denoising step; ``finished``: decoded images by
+    id; ``failed``: error messages by id (their runner state is already released);
+    ``previews``: low-resolution images of the predicted clean image, for requests that
+    asked; ``timing``: seconds per stage and per forward group.
     """
 
     stepped: list[str] = field(default_factory=list)
-    finished: dict = field(default_factory=dict)
+    finished: dict[str, FinishedImage] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
-    previews: dict = field(default_factory=dict)
-    timing: dict[str, float] = field(default_factory=dict)
+    previews: dict[str, Image.Image] = field(default_factory=dict)
+    timing: StageTiming = field(default_factory=StageTiming)

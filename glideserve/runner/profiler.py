@@ -1,0 +1,88 @@
+"""The start-up sweep that fills a latency profile, measured through the runner itself.
+
+It drives the real ``ModelRunner`` with synthetic requests (one row each, no
+guidance, so any row count can be formed), exactly the code path that serves: the
+prefill of ``n`` new requests, a denoising step of ``rows`` rows at each size (forward
+plus sampler updates), and a batched VAE decode of ``n`` images. Each point is the
+median of a few timed repeats after one warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from glideserve.config import SchedulerConfig
+from glideserve.models.spec import ModelSpec
+from glideserve.params import GenerationParams
+from glideserve.runner.runner import ModelRunner
+from glideserve.scheduler.output import NewRequestData, SchedulerOutput
+from glideserve.scheduler.profile import LatencyProfile, PiecewiseLinear
+
+REPEATS = 3
+
+
+def row_counts(max_rows: int) -> list[int]:
+    """1, 2, 4, ... up to ``max_rows``, with ``max_rows`` itself."""
+    counts, r = [], 1
+    while r < max_rows:
+        counts.append(r)
+        r *= 2
+    return counts + [max_rows]
+
+
+def _median(measure: Callable[[], float], repeats: int) -> float:
+    """Median of ``repeats`` calls of ``measure`` (which returns seconds), after one warm-up call."""
+    measure()  # the first call at a new shape pays for allocations
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_size(runner: ModelRunner, spec: ModelSpec, height: int, width: int, config: SchedulerConfig,
+                 repeats: int = REPEATS, progress: Callable[[str], None] = lambda _: None) -> LatencyProfile:
+    """Profile one image size: denoising steps at 1..max rows, prefill and decode batches."""
+    tokens = spec.tokens_per_row(height, width)
+    max_rows = max(1, min(config.max_batch_rows, config.max_latent_tokens // tokens))
+    counts = row_counts(max_rows)
+    steps = len(counts) * (repeats + 1) + 1  # the first request takes part in every measurement
+    ids = [f"profile-{height}x{width}-{i}" for i in range(max_rows)]
+    params = [GenerationParams(f"profile prompt {height}x{width} {i}", num_inference_steps=steps, guidance_scale=1.0,
+                               seed=i, height=height, width=width).resolve(spec) for i in range(max_rows)]
+    profile = LatencyProfile()
+    try:
+        def prefill_s(first: int, last: int) -> float:
+            return _timed(lambda: runner.execute(SchedulerOutput(new_requests=tuple(
+                NewRequestData(ids[i], params[i]) for i in range(first, last)))))
+
+        progress(f"{height}x{width}: prefill")
+        runner.encoder.encode([f"profile warm-up {height}x{width}"])  # the text encoders' first call is slow
+        prefill = {1: prefill_s(0, 1)}
+        if max_rows > 1:
+            prefill[max_rows - 1] = prefill_s(1, max_rows)
+        profile.prefill = PiecewiseLinear(prefill)
+        points = {}
+        for rows in counts:
+            progress(f"{height}x{width}: step of {rows} row(s)")
+            plan = SchedulerOutput(scheduled=tuple(ids[:rows]))
+            points[rows] = _median(lambda: runner.execute(plan).timing.groups[0].seconds, repeats)
+        profile.steps[tokens] = PiecewiseLinear(points)
+        decode = {}
+        latent = torch.randn(max(counts), *spec.latent_shape(height, width), generator=torch.Generator().manual_seed(0))
+        latent = latent.to(runner.family.device, runner.family.dtype)
+        for n in sorted({1, min(config.max_decode_batch, max(counts))}):
+            progress(f"{height}x{width}: decode of {n} image(s)")
+            with torch.inference_mode():
+                decode[n] = _median(lambda: _timed(lambda: runner.family.decode(latent[:n])), repeats)
+        profile.decode[tokens] = PiecewiseLinear(decode)
+    finally:
+        runner.execute(SchedulerOutput(freed=tuple(ids)))
+        runner.encoder.clear()
+    return profile

@@ -1,0 +1,155 @@
+"""Deadline decisions from the latency profile: refuse, drop, hold back, preempt, decode now.
+
+:class:`DeadlinePlanner` turns the scheduler's requests into simulation entries and
+answers the questions the deadline-aware policies ask at each step. It reads
+requests and the profile and changes neither: the scheduler applies its answers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from glideserve.config import SchedulerConfig
+from glideserve.request import Request
+from glideserve.scheduler.profile import LatencyProfile
+from glideserve.scheduler.simulate import SimEntry, SimResult, joining_harms, simulate
+
+# Predictions are sums of floats: a finish this close to the deadline counts as on time.
+TOLERANCE_S = 1e-6
+
+
+@dataclass(frozen=True)
+class AdmissionVerdict:
+    """Whether a new request may be queued; if not, why, its predicted latency and a retry delay."""
+
+    admitted: bool
+    predicted_latency_s: float | None = None
+    reason: str = ""
+    retry_after_s: float = 0.0
+    harms_others: bool = False
+
+
+class DeadlinePlanner:
+    """Predictions over requests with the profile; see the module docstring."""
+
+    def __init__(self, profile: LatencyProfile, config: SchedulerConfig):
+        self.profile = profile
+        self.config = config
+
+    # -- building blocks -----------------------------------------------------------
+    def step_s(self, running: Iterable[Request]) -> float:
+        """Predicted seconds of one step of the requests in ``running``."""
+        groups: dict[int, int] = {}
+        for r in running:
+            groups[r.tokens_per_row] = groups.get(r.tokens_per_row, 0) + r.rows
+        return self.profile.step_s(groups.items())
+
+    def drop_after(self, request: Request) -> float | None:
+        factor = self.config.drop_late_after
+        if factor is None or request.deadline is None:
+            return None
+        return request.deadline + factor * request.slo_s
+
+    def _entries(self, running: Sequence[Request], queue: Sequence[Request], prefilled: set[str],
+                 drops: bool, exempt: str | None = None) -> list[SimEntry]:
+        def entry(r: Request, is_running: bool) -> SimEntry:
+            drop = self.drop_after(r) if drops and r.request_id != exempt else None
+            return SimEntry(r.request_id, r.rows, r.tokens_per_row, r.remaining_steps, running=is_running,
+                            prefilled=is_running or r.request_id in prefilled, drop_after=drop,
+                            deadline=r.deadline, holds=r.effective_deadline is None)
+
+        return [entry(r, True) for r in running] + [entry(r, False) for r in queue]
+
+    def predict(self, now: float, running: Sequence[Request], queue: Sequence[Request],
+                prefilled: set[str] = frozenset(), drops: bool = False, exempt: str | None = None) -> SimResult:
+        """Finish times if ``running`` keep stepping and ``queue`` joins in order."""
+        c = self.config
+        return simulate(now, self._entries(running, queue, prefilled, drops, exempt), self.profile,
+                        c.max_batch_rows, c.max_latent_tokens)
+
+    # -- decisions ----------------------------------------------------------------------
+    def admission(self, now: float, request: Request, running: Sequence[Request], queue: Sequence[Request],
+                  prefilled: set[str]) -> AdmissionVerdict:
+        """Admit ``request`` (already placed in ``queue`` in policy order) only if it meets its
+        deadline and no request now predicted on time becomes late because of it."""
+        others = [r for r in queue if r is not request]
+        drops = self.config.drop_late_after is not None
+        with_it = self.predict(now, running, queue, prefilled, drops, exempt=request.request_id)
+        finish = with_it.finish.get(request.request_id, math.inf)
+        if finish > request.deadline + TOLERANCE_S:
+            return AdmissionVerdict(False, finish - request.arrival_time,
+                                    f"predicted latency {finish - request.arrival_time:.2f} s exceeds the "
+                                    f"request's slo_ms={request.params.slo_ms:g}",
+                                    finish - request.deadline)
+        without = self.predict(now, running, others, prefilled, drops)
+        for r in (*running, *others):
+            if r.deadline is None:
+                continue
+            before, after = without.finish.get(r.request_id), with_it.finish.get(r.request_id, math.inf)
+            if before is not None and before <= r.deadline + TOLERANCE_S < after:
+                return AdmissionVerdict(False, finish - request.arrival_time,
+                                        "admitting it would make an admitted request miss its deadline",
+                                        after - r.deadline, harms_others=True)
+        return AdmissionVerdict(True, finish - request.arrival_time)
+
+    def joining_harms(self, now: float, members: Sequence[Request], candidate: Request) -> bool:
+        """Would ``candidate`` joining the running ``members`` now make an on-time member late?"""
+        entries = self._entries(members, (candidate,), set(), drops=False)
+        return joining_harms(now, [(e, e.remaining) for e in entries[:-1]], entries[-1], self.profile)
+
+    def victims_for(self, now: float, candidate: Request, running: Sequence[Request],
+                    wait_finish: float | None) -> list[Request] | None:
+        """Running requests to pause so that ``candidate`` (with a deadline) makes it.
+
+        Only when waiting would make ``candidate`` late (``wait_finish`` past its deadline)
+        and pausing keeps it on time; the least urgent requests (``running`` is in policy
+        order) are paused, each only if it still meets its own deadline after waiting for
+        the whole of ``candidate``'s service. ``None`` when no such set exists.
+        """
+        if candidate.deadline is None or wait_finish is None or wait_finish <= candidate.deadline:
+            return None
+        c = self.config
+        kept, victims = list(running), []
+        rows = sum(r.rows for r in kept)
+        tokens = sum(r.cost_tokens for r in kept)
+        for victim in reversed(running):
+            if rows + candidate.rows <= c.max_batch_rows and tokens + candidate.cost_tokens <= c.max_latent_tokens:
+                break
+            kept.remove(victim)
+            victims.append(victim)
+            rows -= victim.rows
+            tokens -= victim.cost_tokens
+        else:
+            if rows + candidate.rows > c.max_batch_rows or tokens + candidate.cost_tokens > c.max_latent_tokens:
+                return None
+        if not victims or len(victims) > c.max_paused:
+            return None
+        served = self.predict(now, [*kept, candidate], ())
+        finish = served.finish.get(candidate.request_id, math.inf)
+        if finish > candidate.deadline + TOLERANCE_S:
+            return None
+        for victim in victims:  # an aged best-effort request is protected by the deadline it aged into
+            own = victim.remaining_steps * self.step_s([*kept, victim]) + self.profile.decode_s(victim.tokens_per_row, 1)
+            deadline = victim.effective_deadline
+            if deadline is not None and finish + own > deadline + TOLERANCE_S:
+                return None
+        for m in kept:
+            if m.deadline is not None and served.finish.get(m.request_id, math.inf) > m.deadline + TOLERANCE_S:
+                return None
+        return victims
+
+    def must_decode(self, now: float, step_s: float, waiting: Sequence[Request]) -> bool:
+        """Whether a finished image can wait no longer for companions in its decode batch."""
+        c = self.config
+        if len(waiting) >= c.max_decode_batch:
+            return True
+        for r in waiting:
+            if r.decode_waits >= c.max_decode_wait_steps:
+                return True
+            if r.deadline is not None:
+                later = now + step_s + self.profile.decode_s(r.tokens_per_row, len(waiting) + 1)
+                if later > r.deadline - step_s:  # keep one step of margin for prediction error
+                    return True
+        return False
