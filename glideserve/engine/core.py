@@ -132,6 +132,7 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def _record(self, plan, result, duration: float) -> None:
+        self.scheduler.observe_step(duration, result)
         self.steps_total += 1
         self.last_step = StepStats(duration, len(plan.scheduled), plan.num_rows, len(plan.new_requests),
                                    self.scheduler.num_waiting, self.scheduler.num_running, len(result.finished),

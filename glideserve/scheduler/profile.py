@@ -77,14 +77,16 @@ class LatencyProfile:
     ``steps[tokens]`` maps rows to the seconds of one forward group (forward plus the
     per-request sampler updates); ``decode[tokens]`` maps images to the seconds of one
     batched VAE decode; ``prefill`` maps new requests to the seconds of their batched
-    prefill. ``alpha`` is the EWMA weight of each new observation. An empty profile
-    predicts 0 s (it learns from the first real steps).
+    prefill; ``overhead_s`` is what a step costs besides those (scheduling, bookkeeping),
+    learned online only. ``alpha`` is the EWMA weight of each new observation. An empty
+    profile predicts 0 s (it learns from the first real steps).
     """
 
     steps: dict[int, PiecewiseLinear] = field(default_factory=dict)
     decode: dict[int, PiecewiseLinear] = field(default_factory=dict)
     prefill: PiecewiseLinear = field(default_factory=PiecewiseLinear)
     alpha: float = 0.1
+    overhead_s: float = 0.0
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
@@ -96,8 +98,9 @@ class LatencyProfile:
         return _lookup(self.steps, tokens_per_row, rows)
 
     def step_s(self, groups: Iterable[tuple[int, int]]) -> float:
-        """A step that runs one forward per ``(tokens_per_row, rows)`` group."""
-        return sum(self.group_s(tokens, rows) for tokens, rows in groups if rows)
+        """A step that runs one forward per ``(tokens_per_row, rows)`` group, with its overhead."""
+        forwards = [self.group_s(tokens, rows) for tokens, rows in groups if rows]
+        return sum(forwards) + self.overhead_s if forwards else 0.0
 
     def prefill_s(self, requests: int) -> float:
         return self.prefill(requests) if requests else 0.0
@@ -120,6 +123,9 @@ class LatencyProfile:
     def observe_decode(self, tokens_per_row: int, images: int, seconds: float) -> None:
         if images:
             _observe(self.decode, tokens_per_row, images, seconds, self.alpha)
+
+    def observe_overhead(self, seconds: float) -> None:
+        self.overhead_s += self.alpha * (max(0.0, seconds) - self.overhead_s)
 
     # -- persistence -------------------------------------------------------------------
     def to_json(self) -> dict:

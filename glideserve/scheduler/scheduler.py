@@ -285,6 +285,11 @@ class Scheduler:
         self._observe(result)
         return events
 
+    def observe_step(self, duration_s: float, result: RunnerOutput) -> None:
+        """The engine's measured wall time of a whole step: what its stages do not explain is overhead."""
+        if result.timing.groups:
+            self.profile.observe_overhead(duration_s - result.timing.total_s)
+
     def _observe(self, result: RunnerOutput) -> None:
         timing = result.timing
         for group in timing.groups:
