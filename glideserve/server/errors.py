@@ -100,7 +100,9 @@ def install_error_handlers(app: FastAPI) -> None:
             # Retry-After takes whole seconds; round up so a client never retries too early.
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         if exc.http_status >= 500:
-            log.error("request %s failed: %s", request.url.path, exc.message)
+            # A 503 (draining, a request dropped for its deadline) is load doing what it promises, not a fault.
+            level = logging.INFO if exc.http_status == 503 else logging.ERROR
+            log.log(level, "request %s failed: %s", request.url.path, exc.message)
         return error_json(exc.http_status, exc.message, exc.param, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)
