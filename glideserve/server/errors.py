@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glideserve.errors import GlideServeError, QueueFullError
 from glideserve.server.protocol import error_response_body
+from glideserve.server.validation import parse_content_length
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ class BodySizeLimitMiddleware:
         too_large = (f"the request body exceeds {self.max_bytes} bytes; "
                      "shorten the prompt or split the request")
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            length = parse_content_length(value) if name == b"content-length" else None
+            if length is not None and length > self.max_bytes:
                 response = error_json(413, too_large, None, "request_too_large")
                 await response(scope, receive, send)
                 return

@@ -29,9 +29,9 @@ from glideserve.server.protocol import (CancelResponse, CompletedEvent, ErrorBod
                                         PartialImageEvent, ProgressEvent, ResponseTimings, StreamErrorEvent,
                                         error_response_body)
 from glideserve.server.state import ServerState
+from glideserve.server.validation import IMAGE_ID_PATTERN, REQUEST_ID_PATTERN
 
 PREVIEW_SIDE = 256
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 _bearer = HTTPBearer(auto_error=False, description="required when the server runs with an API key")
 
 
@@ -298,7 +298,7 @@ async def _event_stream(job: GenerationJob) -> AsyncIterator[str]:
 
 
 @router.delete("/v1/requests/{request_id}", response_model=CancelResponse)
-async def cancel_request(request: Request, request_id: str = Path(max_length=64)) -> CancelResponse:
+async def cancel_request(request: Request, request_id: str = Path(pattern=REQUEST_ID_PATTERN)) -> CancelResponse:
     """Cancel a generation in flight (its id is the ``X-Request-Id`` response header)."""
     job = get_state(request).jobs.get(request_id)
     if job is None:
@@ -311,8 +311,9 @@ async def cancel_request(request: Request, request_id: str = Path(max_length=64)
                    responses={200: {"content": {"image/png": {}}}})
 async def get_image(request: Request, image_id: str = Path(max_length=64)) -> Response:
     """A PNG returned with ``response_format="url"``; URLs expire (see the server's image TTL)."""
-    png = get_state(request).images.get(image_id)
+    # Anything that is not an id this server mints is simply unknown: a 404, like an expired id.
+    png = get_state(request).images.get(image_id) if IMAGE_ID_PATTERN.fullmatch(image_id) else None
     if png is None:
-        raise NotFoundError(f"image {image_id!r} does not exist or has expired; generate it again", "image_id")
+        raise NotFoundError("the image does not exist or has expired; generate it again", "image_id")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
 
