@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from glideserve.server import images
+from glideserve.server.accounting import AccountingMiddleware
 from glideserve.server.backend import Backend
 from glideserve.server.errors import BodySizeLimitMiddleware, error_json, install_error_handlers
 from glideserve.server.images import get_state, require_api_key
@@ -49,8 +50,8 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
                     await warmup
             await backend.shutdown(drain=True)
 
-    app = FastAPI(title="glideserve", summary="OpenAI-compatible image generation with step-level batching",
-                  version=_version(), lifespan=lifespan)
+    app = GlideServeApp(title="glideserve", summary="OpenAI-compatible image generation with step-level batching",
+                        version=_version(), lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
@@ -59,6 +60,17 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
     app.include_router(_v1_router())
     app.include_router(_ops_router())
     return app
+
+
+class GlideServeApp(FastAPI):
+    """FastAPI with the HTTP accounting outside every other layer.
+
+    Middleware added with ``add_middleware`` runs inside Starlette's error
+    middleware, so it never sees the 500 answers; counting there would miss them.
+    """
+
+    def build_middleware_stack(self):
+        return AccountingMiddleware(super().build_middleware_stack(), self.state.server.http_metrics)
 
 
 def _version() -> str:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glideserve.errors import GlideServeError, QueueFullError
@@ -22,6 +23,7 @@ from glideserve.server.validation import parse_content_length
 log = logging.getLogger(__name__)
 
 GENERATIONS_PATH = "/v1/images/generations"
+DRAIN_LIMIT_BYTES = 1024 * 1024
 
 
 class AuthenticationError(GlideServeError):
@@ -59,13 +61,33 @@ class ServerNotReadyError(GlideServeError):
     code = "not_ready"
 
 
+HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
+                    413: "request_too_large"}
+
+
+class BodyReadError(StarletteHTTPException):
+    """Raised from ``receive`` while the body is read (too large, too slow); FastAPI
+    passes HTTPExceptions from the body read through unchanged, so it reaches the
+    handler with its own status and ``code``. ``close`` answers with
+    ``Connection: close`` instead of reading the rest of the body after the answer."""
+
+    def __init__(self, status: int, code: str, message: str, close: bool = False):
+        super().__init__(status, message, headers={"Connection": "close"} if close else None)
+        self.code = code
+
+
 def error_json(status: int, message: str, param: str | None = None, code: str | None = None,
                headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_response_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def is_generation(scope: Scope) -> bool:
+    """Whether a request counts in ``glideserve_requests_total`` (a generation outcome)."""
+    return scope.get("path") == GENERATIONS_PATH and scope.get("method") == "POST"
+
+
 def _count(request: Request, code: str) -> None:
-    if request.url.path == GENERATIONS_PATH:
+    if is_generation(request.scope):
         request.app.state.server.metrics.count_request(code)
 
 
@@ -110,12 +132,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        status, code = exc.status_code, HTTP_ERROR_CODES.get(exc.status_code, f"http_{exc.status_code}")
         message = exc.detail if isinstance(exc.detail, str) else "request rejected"
-        if exc.status_code == 404:
+        if isinstance(exc, BodyReadError):
+            code = exc.code
+        elif isinstance(exc.__cause__, ClientDisconnect):
+            # The client closed the connection while sending the body: nobody will read
+            # this answer, but the request is still counted under its real reason.
+            status, code, message = 499, "client_disconnected", "the client closed the connection mid-body"
+        elif status == 400:
+            # FastAPI's "There was an error parsing the body": bytes that are not UTF-8 JSON.
+            message = "the request body could not be decoded; send UTF-8 JSON with Content-Type: application/json"
+        elif status == 404:
             message = f"no route {request.method} {request.url.path}; see GET /openapi.json"
-        _count(request, codes.get(exc.status_code, "http_error"))
-        return error_json(exc.status_code, message, None, codes.get(exc.status_code), exc.headers)
+        _count(request, code)
+        return error_json(status, message, None, code, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -144,7 +175,12 @@ class BodySizeLimitMiddleware:
         for name, value in scope.get("headers", ()):
             length = parse_content_length(value) if name == b"content-length" else None
             if length is not None and length > self.max_bytes:
-                response = error_json(413, too_large, None, "request_too_large")
+                if is_generation(scope):
+                    scope["app"].state.server.metrics.count_request("request_too_large")
+                # A small body is cheaper to read and discard than a reset connection, which
+                # can lose the 413 before the client reads it; a huge one is not read at all.
+                close = {"Connection": "close"} if length > DRAIN_LIMIT_BYTES else None
+                response = error_json(413, too_large, None, "request_too_large", close)
                 await response(scope, receive, send)
                 return
         received = 0
@@ -155,7 +191,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise StarletteHTTPException(413, too_large)
+                    raise BodyReadError(413, "request_too_large", too_large)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from glideserve.outputs import GenerationResult, RequestFailed
 from glideserve.params import GenerationParams
+from glideserve.server.accounting import HttpMetrics
 from glideserve.server.backend import Backend
 from glideserve.server.errors import AuthenticationError
 from glideserve.server.metrics import ServerMetrics
@@ -100,6 +101,7 @@ class ServerState:
         self.config = config
         self.model_id = config.model_id or backend.spec.name
         self.metrics = ServerMetrics(backend.stats)
+        self.http_metrics = HttpMetrics(self.metrics.registry)
         self.images = ImageStore(config.max_stored_images, config.image_ttl_s)
         self.jobs: dict[str, GenerationJob] = {}
         self.ready = False
