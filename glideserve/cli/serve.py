@@ -66,6 +66,10 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0 picks a free one)."),
         api_key: Optional[str] = typer.Option(None, envvar="GLIDESERVE_API_KEY", show_envvar=True,
                                               help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+        public_url: Optional[str] = typer.Option(
+            None, help="Base of the image URLs handed out, e.g. https://images.example.com (default: relative "
+                       "URLs; the client's Host header is never used)."),
+        docs: bool = typer.Option(False, help="Serve /docs and /redoc (their pages load scripts from a public CDN)."),
         max_queue: int = typer.Option(256, min=1, help="Images that may wait for a slot; beyond it: 429."),
         max_batch_rows: int = typer.Option(16, min=1, help="Model rows per denoising step (CFG takes two)."),
         system: System = typer.Option(System.glideserve, help="Serving system behind the API."),
@@ -82,7 +86,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             config = ServerConfig(model_id=model_id_for(model), api_key=api_key, max_queue=max_queue,
-                                  warmup=warmup)
+                                  warmup=warmup, public_url=public_url, docs=docs)
             backend = make_backend(system, model, max_batch_rows=max_batch_rows, max_waiting=max_queue,
                                    device=device, dtype=dtype)
         except (GlideServeError, ValueError) as exc:

@@ -12,6 +12,7 @@ before any answer (status 499, code ``client_disconnected``).
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -131,3 +132,27 @@ class AccountingMiddleware:
                     count(CLIENT_CLOSED_STATUS, "client_disconnected")
                 else:
                     count(status, _envelope_code(bytes(error_body)))
+
+
+class RedactImageIds(logging.Filter):
+    """Replaces image ids in log records (uvicorn's access log) with ``<redacted>``.
+
+    An image id is a bearer capability: whoever reads the log could fetch the image.
+    """
+
+    PATTERN = re.compile(r"img_[0-9a-fA-F]{8,}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub("<redacted>", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = self.PATTERN.sub("<redacted>", record.msg)
+        return True
+
+
+def redact_access_log(logger_name: str = "uvicorn.access") -> None:
+    """Install RedactImageIds on ``logger_name`` once (create_app may run many times)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, RedactImageIds) for f in logger.filters):
+        logger.addFilter(RedactImageIds())

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from glideserve.server import images
-from glideserve.server.accounting import AccountingMiddleware
+from glideserve.server.accounting import AccountingMiddleware, redact_access_log
 from glideserve.server.backend import Backend
 from glideserve.server.errors import BodySizeLimitMiddleware, error_json, install_error_handlers
 from glideserve.server.images import get_state, require_api_key
@@ -50,8 +50,11 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
                     await warmup
             await backend.shutdown(drain=True)
 
+    # /docs and /redoc load their scripts from a public CDN, which fails offline; opt in.
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None}
     app = GlideServeApp(title="glideserve", summary="OpenAI-compatible image generation with step-level batching",
-                        version=_version(), lifespan=lifespan)
+                        version=_version(), lifespan=lifespan, **docs)
+    redact_access_log()
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from glideserve.errors import GlideServeError, QueueFullError
+from glideserve.errors import EngineStoppedError, GlideServeError, QueueFullError
 from glideserve.server.protocol import error_response_body
 from glideserve.server.validation import parse_content_length
 
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 GENERATIONS_PATH = "/v1/images/generations"
 DRAIN_LIMIT_BYTES = 1024 * 1024
+# A draining instance will not serve again; this is when a retry (through a load
+# balancer) is likely to reach a replacement.
+SHUTDOWN_RETRY_AFTER_S = 5
 
 
 class AuthenticationError(GlideServeError):
@@ -52,6 +55,13 @@ class GenerationFailedError(GlideServeError):
 
     http_status = 500
     code = "generation_failed"
+
+
+class DrainTimeoutError(GlideServeError):
+    """The server shut down before this admitted request finished (``--drain-timeout``)."""
+
+    http_status = 503
+    code = "drain_timeout"
 
 
 class ServerNotReadyError(GlideServeError):
@@ -109,6 +119,16 @@ def _validation_message(err: dict) -> str:
     return f"{param}: {message}"
 
 
+def _protocol_headers(request: Request, exc: GlideServeError) -> dict[str, str]:
+    """Headers HTTP asks for with some answers: the auth scheme with a 401 (RFC 9110
+    section 11.6.1) and when to come back with a 503 from a draining server."""
+    if isinstance(exc, AuthenticationError):
+        return {"WWW-Authenticate": 'Bearer realm="glideserve"'}
+    if isinstance(exc, (EngineStoppedError, DrainTimeoutError)):
+        return {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
+    return {}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception type the app can meet to an envelope with the right status."""
 
@@ -120,6 +140,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"Retry-After": str(request.app.state.server.retry_after_s())}
         if exc.http_status >= 500:
             log.error("request %s failed: %s", request.url.path, exc.message)
+        headers = {**(headers or {}), **_protocol_headers(request, exc)}
         return error_json(exc.http_status, exc.message, exc.param, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -247,7 +247,7 @@ async def _collect(job: GenerationJob, request: Request) -> ImagesResponse:
         png = await asyncio.to_thread(_png, result.image)
         job.state.metrics.observe_image(result.timings)
         if job.body.response_format == "url":
-            url = str(request.url_for("get_image", image_id=job.state.images.put(png)))
+            url = _image_url(request, job.state.images.put(png))
             data.append(ImageData(url=url, seed=result.params.seed))
         else:
             data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=result.params.seed))
@@ -255,6 +255,14 @@ async def _collect(job: GenerationJob, request: Request) -> ImagesResponse:
     timings = ResponseTimings(total_s=round(total_s, 6), slo_ms=job.body.slo_ms, slo_met=met,
                               images=[_timings(results[i]) for i in range(len(job.streams))])
     return ImagesResponse(created=int(time.time()), data=data, size=job.size(), timings=timings)
+
+
+def _image_url(request: Request, image_id: str) -> str:
+    # Never from the Host header: a client (or anyone who can set Host in front of a
+    # proxy) would choose the host every later reader of the URL is sent to.
+    path = request.scope.get("root_path", "") + request.app.url_path_for("get_image", image_id=image_id)
+    public_url = get_state(request).config.public_url
+    return path if public_url is None else public_url + path
 
 
 async def _event_stream(job: GenerationJob) -> AsyncIterator[str]:

@@ -15,6 +15,7 @@ from glideserve.outputs import GenerationResult, RequestFailed
 from glideserve.params import GenerationParams
 from glideserve.server.accounting import HttpMetrics
 from glideserve.server.backend import Backend
+from glideserve.server.limits import HttpLimits, check_public_url
 from glideserve.server.errors import AuthenticationError
 from glideserve.server.metrics import ServerMetrics
 
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 class ServerConfig:
     """HTTP-side settings; the engine's own limits live in its EngineConfig.
 
+    ``public_url`` (e.g. ``https://images.example.com``) is the base of the image URLs
+    the server hands out; without it they are relative (``/v1/images/...``). The
+    client's ``Host`` header is never used. ``docs`` serves ``/docs`` and ``/redoc``
+    (their pages load scripts from a public CDN). ``limits`` bounds connections,
+    timeouts and the shutdown drain (see HttpLimits).
+
     ``model_id`` is the name clients pass as ``model`` (default: the backend's spec
     name). ``max_queue`` bounds engine requests waiting for a slot: a request that
     would push the queue past it gets 429. ``api_key`` (None = open) is required as
@@ -40,11 +47,16 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256
     max_body_bytes: int = 64 * 1024
+    public_url: str | None = None
+    docs: bool = False
+    limits: HttpLimits = HttpLimits()
     image_ttl_s: float = 600.0
     max_stored_images: int = 256
     warmup: bool = True
 
     def __post_init__(self):
+        if self.public_url is not None:
+            object.__setattr__(self, "public_url", check_public_url(self.public_url))
         for name in ("max_queue", "max_body_bytes", "max_stored_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1")
