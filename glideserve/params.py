@@ -134,7 +134,7 @@ def parse_size(text: str) -> tuple[int, int]:
     match = SIZE_PATTERN.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise InvalidRequestError(
-            f"size must be WIDTHxHEIGHT in ASCII digits without spaces or leading zeros, e.g. 512x512; got {text!r}",
+            f"size must look like 512x512 (WIDTHxHEIGHT in ASCII digits, no spaces or leading zeros), got {text!r}",
             "size")
     width, height = int(match.group(1)), int(match.group(2))
     return height, width
