@@ -70,6 +70,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
             None, help="Base of the image URLs handed out, e.g. https://images.example.com (default: relative "
                        "URLs; the client's Host header is never used)."),
         docs: bool = typer.Option(False, help="Serve /docs and /redoc (their pages load scripts from a public CDN)."),
+        drain_timeout: float = typer.Option(30.0, min=0.001, help="Seconds SIGTERM waits for admitted requests; "
+                                                                  "the rest then fail with 503 drain_timeout."),
         max_queue: int = typer.Option(256, min=1, help="Images that may wait for a slot; beyond it: 429."),
         max_batch_rows: int = typer.Option(16, min=1, help="Model rows per denoising step (CFG takes two)."),
         system: System = typer.Option(System.glideserve, help="Serving system behind the API."),
@@ -80,13 +82,14 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
         from glideserve.server import ServerConfig, create_app
-        from glideserve.server.run import DrainingServer, display_url
-        import uvicorn
+        from glideserve.server.limits import HttpLimits
+        from glideserve.server.run import DrainingServer, display_url, uvicorn_config
 
         logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             config = ServerConfig(model_id=model_id_for(model), api_key=api_key, max_queue=max_queue,
-                                  warmup=warmup, public_url=public_url, docs=docs)
+                                  warmup=warmup, public_url=public_url, docs=docs,
+                                  limits=HttpLimits(drain_timeout_s=drain_timeout))
             backend = make_backend(system, model, max_batch_rows=max_batch_rows, max_waiting=max_queue,
                                    device=device, dtype=dtype)
         except (GlideServeError, ValueError) as exc:
@@ -103,8 +106,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                        f"(playground {url}/, API {url}/v1)", err=False)
 
         app = create_app(backend, config, on_ready=announce)
-        server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.value,
-                                               timeout_graceful_shutdown=None), app)
+        server = DrainingServer(uvicorn_config(app, host, port, log_level.value), app)
         server.run()
         if server.started is False:
             raise typer.Exit(1)

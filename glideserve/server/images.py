@@ -22,7 +22,7 @@ from glideserve.errors import (EngineStoppedError, InvalidRequestError, ModelLoa
 from glideserve.outputs import GenerationResult, Queued, RequestFailed, StepProgress
 from glideserve.params import GenerationParams
 from glideserve.server.backend import RequestStream
-from glideserve.server.errors import (GENERATIONS_PATH, GenerationFailedError, NotFoundError,
+from glideserve.server.errors import (GENERATIONS_PATH, DrainTimeoutError, GenerationFailedError, NotFoundError,
                                       RequestIdConflictError)
 from glideserve.server.protocol import (CancelResponse, CompletedEvent, ErrorBody, ErrorResponse,
                                         ImageData, ImageGenerationRequest, ImagesResponse, ImageTimings,
@@ -66,6 +66,7 @@ class GenerationJob:
         self._finished: set[int] = set()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
+        self.abort_reason: str | None = None  # why the server aborted it; None: the client cancelled
 
     async def admit(self, params: list[GenerationParams]) -> None:
         """Admit every image or none: a rejection aborts the images already admitted."""
@@ -82,6 +83,8 @@ class GenerationJob:
             async for event in stream:
                 if isinstance(event, (GenerationResult, RequestFailed)):
                     self._finished.add(index)
+                if isinstance(event, RequestFailed) and event.reason == "aborted" and self.abort_reason:
+                    event = RequestFailed(event.request_id, self.abort_reason, event.message)
                 self._queue.put_nowait((index, event))
         except Exception as exc:  # a broken stream fails its image instead of hanging the response
             self._finished.add(index)
@@ -98,7 +101,11 @@ class GenerationJob:
             else:
                 yield index, event
 
-    async def abort(self) -> None:
+    async def abort(self, reason: str | None = None) -> None:
+        """Cancel the unfinished images; ``reason`` (e.g. ``drain_timeout``) replaces
+        ``aborted`` in their RequestFailed events when the server, not the client, gave up."""
+        if reason is not None:
+            self.abort_reason = reason
         for index, stream in enumerate(self.streams):
             if index not in self._finished:
                 await self.state.backend.abort(stream.request_id)
@@ -154,6 +161,9 @@ def _timings(result: GenerationResult) -> ImageTimings:
 
 
 def _failure(event: RequestFailed) -> Exception:
+    if event.reason == DrainTimeoutError.code:
+        return DrainTimeoutError("the server shut down before the image was finished (drain timeout); retry "
+                                 "on another instance")
     if event.reason == "aborted":
         return RequestAbortedError(f"the request was cancelled: {event.message}".rstrip(": "))
     return GenerationFailedError(f"image generation failed on the server: {event.message}")

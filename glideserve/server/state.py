@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from glideserve.server.images import GenerationJob
 
 log = logging.getLogger(__name__)
+# After the drain timeout, how long the aborted requests get to write their 503s.
+DRAIN_ANSWER_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,28 @@ class ServerState:
 
     def begin_drain(self) -> None:
         self.draining = True
+
+    async def drain(self, timeout_s: float, poll_s: float = 0.05) -> int:
+        """Stop admitting, wait up to ``timeout_s`` for the admitted requests, then fail
+        what is left with 503 ``drain_timeout``; returns how many were failed.
+
+        The failed requests are aborted in the engine (freed at its next step) and
+        answered through their own responses, so each is counted once like any other.
+        """
+        self.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.jobs and loop.time() < deadline:
+            await asyncio.sleep(poll_s)
+        late = list(self.jobs.values())
+        if late:
+            log.warning("drain timeout (%.0f s): failing %d unfinished request(s)", timeout_s, len(late))
+            for job in late:
+                await job.abort(reason="drain_timeout")
+            grace = loop.time() + DRAIN_ANSWER_GRACE_S
+            while self.jobs and loop.time() < grace:  # let their answers be written
+                await asyncio.sleep(poll_s)
+        return len(late)
 
     def served_model_ids(self) -> set[str]:
         return {self.model_id, self.backend.spec.name}
