@@ -72,6 +72,16 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         docs: bool = typer.Option(False, help="Serve /docs and /redoc (their pages load scripts from a public CDN)."),
         drain_timeout: float = typer.Option(30.0, min=0.001, help="Seconds SIGTERM waits for admitted requests; "
                                                                   "the rest then fail with 503 drain_timeout."),
+        header_timeout: float = typer.Option(10.0, min=0.001, help="Seconds a client has to send request "
+                                                                   "headers (then 408)."),
+        body_timeout: float = typer.Option(30.0, min=0.001, help="Seconds a client has to send the request "
+                                                                 "body after its headers (then 408)."),
+        keep_alive_timeout: float = typer.Option(5.0, min=0.001, help="Seconds an idle keep-alive connection "
+                                                                      "stays open."),
+        write_timeout: float = typer.Option(60.0, min=0.001, help="Seconds a client may read none of an answer "
+                                                                  "before it is disconnected."),
+        max_connections: int = typer.Option(512, min=1, help="Open connections; beyond it: 503 "
+                                                             "too_many_connections."),
         max_queue: int = typer.Option(256, min=1, help="Images that may wait for a slot; beyond it: 429."),
         max_batch_rows: int = typer.Option(16, min=1, help="Model rows per denoising step (CFG takes two)."),
         system: System = typer.Option(System.glideserve, help="Serving system behind the API."),
@@ -89,7 +99,10 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         try:
             config = ServerConfig(model_id=model_id_for(model), api_key=api_key, max_queue=max_queue,
                                   warmup=warmup, public_url=public_url, docs=docs,
-                                  limits=HttpLimits(drain_timeout_s=drain_timeout))
+                                  limits=HttpLimits(drain_timeout_s=drain_timeout, header_timeout_s=header_timeout,
+                                                    body_timeout_s=body_timeout,
+                                                    keep_alive_timeout_s=keep_alive_timeout,
+                                                    write_timeout_s=write_timeout, max_connections=max_connections))
             backend = make_backend(system, model, max_batch_rows=max_batch_rows, max_waiting=max_queue,
                                    device=device, dtype=dtype)
         except (GlideServeError, ValueError) as exc:

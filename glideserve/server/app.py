@@ -16,6 +16,7 @@ from glideserve.server.accounting import AccountingMiddleware, redact_access_log
 from glideserve.server.backend import Backend
 from glideserve.server.errors import BodySizeLimitMiddleware, error_json, install_error_handlers
 from glideserve.server.images import get_state, require_api_key
+from glideserve.server.limits import BodyTimeoutMiddleware
 from glideserve.server.protocol import ErrorResponse, HealthResponse, ModelCard, ModelList, ServerStats
 from glideserve.server.state import ServerConfig, ServerState
 
@@ -58,6 +59,8 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
+    body_timeouts = state.http_metrics.connection_timeouts.labels(kind="body")
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=config.limits.body_timeout_s, on_timeout=body_timeouts.inc)
     app.include_router(images.router)
     app.include_router(images.public_router)
     app.include_router(_v1_router())

@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 
 def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
     """uvicorn settings that enforce the app's HttpLimits (timeouts, connection cap)."""
-    limits: HttpLimits = app.state.server.config.limits
+    from glideserve.server.connections import guarded_protocol
+
+    state = app.state.server
+    limits: HttpLimits = state.config.limits
     return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          http=guarded_protocol(limits, state.http_metrics),
                           timeout_keep_alive=limits.keep_alive_timeout_s,
                           timeout_graceful_shutdown=FINAL_CLOSE_TIMEOUT_S)
 
