@@ -42,9 +42,11 @@ class OpenConnections:
 class GuardedH11Protocol(H11Protocol):
     """H11Protocol with a header timeout, a write timeout and a connection cap.
 
-    The header timer runs from the connection (or the end of the previous answer)
-    until a request's headers are complete; on expiry a client that had started a
-    request gets 408 ``header_timeout``, a silent one is just closed. The write timer
+    The header timer runs from the connection, or on a keep-alive connection from
+    the first byte of the next request, until the request's headers are complete;
+    on expiry a client that had started a request gets 408 ``header_timeout``, a
+    silent new connection is just closed (an idle keep-alive connection is closed by
+    uvicorn's keep-alive timeout instead, and is not counted). The write timer
     runs while the transport's buffer is over its high-water mark (the client is not
     reading); on expiry the connection is aborted. A connection beyond
     ``max_connections`` gets 503 ``too_many_connections`` and is closed. Subclasses
@@ -81,6 +83,8 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return  # the 503 is on its way; the request is not read
+        if self._header_timer is None and not self._request_started():
+            self._arm_header_timer()  # the first byte of the next request on a keep-alive connection
         if self._header_timer is not None:
             self._pending_bytes += len(data)
         super().data_received(data)
@@ -88,11 +92,6 @@ class GuardedH11Protocol(H11Protocol):
             self._header_timer.cancel()
             self._header_timer = None
             self._pending_bytes = 0
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and not self._request_started():
-            self._arm_header_timer()
 
     def pause_writing(self) -> None:
         super().pause_writing()

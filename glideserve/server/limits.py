@@ -20,8 +20,9 @@ PUBLIC_URL_PATTERN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~\-
 class HttpLimits:
     """Connection-level limits of the HTTP server (every value in seconds unless noted).
 
-    ``header_timeout_s``: from connection (or the end of the previous answer) to the
-    end of the request headers; a client that has started a request then gets 408.
+    ``header_timeout_s``: from the connection (on a keep-alive connection: from the
+    first byte of the next request) to the end of the request headers; a client that
+    has started a request then gets 408, a silent one is closed.
     ``body_timeout_s``: from the end of the headers to the end of the body; 408
     ``body_timeout`` and the connection is closed. ``keep_alive_timeout_s``: an idle
     keep-alive connection is closed after it. ``write_timeout_s``: a client that
