@@ -63,7 +63,6 @@ class GuardedH11Protocol(H11Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._rejected = False
         self._counted = True
-        self._pending_bytes = 0  # bytes of a request whose headers are not complete yet
         self.open_connections.count += 1
         self.metrics.connections.inc()
         self.metrics.open_connections.inc()
@@ -83,15 +82,28 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return  # the 503 is on its way; the request is not read
-        if self._header_timer is None and not self._request_started():
-            self._arm_header_timer()  # the first byte of the next request on a keep-alive connection
-        if self._header_timer is not None:
-            self._pending_bytes += len(data)
         super().data_received(data)
-        if self._header_timer is not None and self._request_started():
-            self._header_timer.cancel()
-            self._header_timer = None
-            self._pending_bytes = 0
+        self._update_header_timer()
+
+    def _update_header_timer(self) -> None:
+        """Decide, from what h11 has parsed, whether the connection is waiting for headers."""
+        if self._request_started() or self.transport.is_closing():
+            self._cancel_header_timer()
+        elif self.conn.their_state is not h11.IDLE:
+            # The rest of the body of a request already answered (say, a 413) is being read
+            # and discarded: bounded too, from the first byte after the answer.
+            if self._header_timer is None:
+                self._arm_header_timer()
+        elif self.conn.trailing_data[0]:
+            if self._header_timer is None:  # the first bytes of the next request
+                self._arm_header_timer()
+        else:
+            # Nothing of a next request: an idle keep-alive connection, which uvicorn's
+            # keep-alive timer closes (receiving data cancelled it).
+            self._cancel_header_timer()
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -116,10 +128,13 @@ class GuardedH11Protocol(H11Protocol):
         return self.cycle is not None and not self.cycle.response_complete
 
     def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._on_header_timeout)
+
+    def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
-        self._pending_bytes = 0
-        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._on_header_timeout)
+            self._header_timer = None
 
     def _cancel_timers(self) -> None:
         for timer in (getattr(self, "_header_timer", None), getattr(self, "_write_timer", None)):
@@ -131,8 +146,12 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing() or self._request_started():
             return
+        if self.conn.their_state is not h11.IDLE:  # still sending the body of an answered request
+            self.metrics.connection_timeouts.labels(kind="body").inc()
+            self.transport.close()
+            return
         self.metrics.connection_timeouts.labels(kind="header").inc()
-        if self._pending_bytes and self.conn.their_state is h11.IDLE:
+        if self.conn.trailing_data[0]:  # part of a request: it gets an answer; a silent client does not
             message = (f"the request headers did not arrive within {self.limits.header_timeout_s:g} s; "
                        "send the whole request at once")
             self.metrics.count_response(CONNECTION_ROUTE, 408, "header_timeout")

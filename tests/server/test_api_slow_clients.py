@@ -157,3 +157,30 @@ def test_malformed_http_gets_a_400_envelope(live):
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
         status, error = envelope(read_until_closed(sock)[0])
     assert (status, error["code"]) == (400, "bad_http_request")
+
+
+def test_after_a_413_the_rest_of_the_body_is_bounded_and_idle_is_not_a_timeout(live):
+    body = b'{"prompt": "' + b"a" * 70_000 + b'"}'
+    head = (GEN_HEAD + f"Content-Length: {len(body)}\r\n\r\n").encode()
+    before = scrape(live.url)
+    with connect(live) as sock:  # the whole body arrives: idle keep-alive afterwards
+        sock.sendall(head + body)
+        data, _ = read_until_closed(sock)
+    assert data.count(b"HTTP/1.1 ") == 1 and data.startswith(b"HTTP/1.1 413")
+    with connect(live) as sock:  # the rest of the body never comes: answered, so merely idle
+        sock.sendall(head + body[:1000])
+        data, waited = read_until_closed(sock)
+    assert data.count(b"HTTP/1.1 ") == 1 and data.startswith(b"HTTP/1.1 413") and waited < 5
+    with connect(live) as sock:  # the rest trickles in: bounded like headers, counted as a slow body
+        sock.sendall(head + body[:1000])
+        assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+        for start in range(1000, 70_000, 100):
+            try:
+                sock.sendall(body[start:start + 100])
+            except OSError:
+                break
+            time.sleep(0.05)
+        read_until_closed(sock)
+    after = scrape(live.url)
+    assert delta(before, after, "glideserve_connection_timeouts_total", kind="header") == 0
+    assert delta(before, after, "glideserve_connection_timeouts_total", kind="body") == 1
