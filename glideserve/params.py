@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -121,10 +122,19 @@ def _check_side(field: str, value: object, multiple: int, max_side: int) -> None
             f"try {max(multiple, round(value / multiple) * multiple)}", field)
 
 
+# The one grammar of a size: ASCII digits only, no sign, no leading zero, no spaces,
+# at most five digits a side, and an "x" (either case) between. ``str.isdigit`` and
+# ``int`` accept far more (superscripts, other scripts' digits, "1_0", " 64"), which
+# either crashed the parser or silently accepted text that is not a size.
+SIZE_PATTERN = re.compile(r"([1-9][0-9]{0,4})[xX]([1-9][0-9]{0,4})")
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """Parse ``"WxH"`` into ``(height, width)``; raises InvalidRequestError on anything else."""
-    parts = str(text).lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise InvalidRequestError(f"size must look like 512x512 (WIDTHxHEIGHT), got {text!r}", "size")
-    width, height = (int(p) for p in parts)
+    """Parse ``"WxH"`` (see SIZE_PATTERN) into ``(height, width)``; raises InvalidRequestError otherwise."""
+    match = SIZE_PATTERN.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidRequestError(
+            f"size must look like 512x512 (WIDTHxHEIGHT in ASCII digits, no spaces or leading zeros), got {text!r}",
+            "size")
+    width, height = int(match.group(1)), int(match.group(2))
     return height, width

@@ -87,6 +87,22 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0 picks a free one)."),
         api_key: Optional[str] = typer.Option(None, envvar="GLIDESERVE_API_KEY", show_envvar=True,
                                               help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+        public_url: Optional[str] = typer.Option(
+            None, help="Base of the image URLs handed out, e.g. https://images.example.com (default: relative "
+                       "URLs; the client's Host header is never used)."),
+        docs: bool = typer.Option(False, help="Serve /docs and /redoc (their pages load scripts from a public CDN)."),
+        drain_timeout: float = typer.Option(30.0, min=0.001, help="Seconds SIGTERM waits for admitted requests; "
+                                                                  "the rest then fail with 503 drain_timeout."),
+        header_timeout: float = typer.Option(10.0, min=0.001, help="Seconds a client has to send request "
+                                                                   "headers (then 408)."),
+        body_timeout: float = typer.Option(30.0, min=0.001, help="Seconds a client has to send the request "
+                                                                 "body after its headers (then 408)."),
+        keep_alive_timeout: float = typer.Option(5.0, min=0.001, help="Seconds an idle keep-alive connection "
+                                                                      "stays open."),
+        write_timeout: float = typer.Option(60.0, min=0.001, help="Seconds a client may read none of an answer "
+                                                                  "before it is disconnected."),
+        max_connections: int = typer.Option(512, min=1, help="Open connections; beyond it: 503 "
+                                                             "too_many_connections."),
         max_queue: int = typer.Option(256, min=1, help="Images that may wait for a slot; beyond it: 429."),
         max_batch_rows: int = typer.Option(16, min=1, help="Model rows per denoising step (CFG takes two)."),
         system: System = typer.Option(System.glideserve, help="Serving system behind the API."),
@@ -111,13 +127,17 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
         from glideserve.server import ServerConfig, create_app
-        from glideserve.server.run import DrainingServer, display_url
-        import uvicorn
+        from glideserve.server.limits import HttpLimits
+        from glideserve.server.run import DrainingServer, display_url, uvicorn_config
 
         logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             config = ServerConfig(model_id=model_id_for(model), api_key=api_key, max_queue=max_queue,
-                                  warmup=warmup, default_slo_ms=default_slo_ms)
+                                  warmup=warmup, default_slo_ms=default_slo_ms, public_url=public_url, docs=docs,
+                                  limits=HttpLimits(drain_timeout_s=drain_timeout, header_timeout_s=header_timeout,
+                                                    body_timeout_s=body_timeout,
+                                                    keep_alive_timeout_s=keep_alive_timeout,
+                                                    write_timeout_s=write_timeout, max_connections=max_connections))
             options = dict(max_batch_rows=max_batch_rows, max_waiting=max_queue, device=device, dtype=dtype)
             if system is System.glideserve:
                 options.update(policy=policy.value, drop_late_after=parse_drop_late_after(drop_late_after),
@@ -138,8 +158,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                        f"(playground {url}/, API {url}/v1)", err=False)
 
         app = create_app(backend, config, on_ready=announce)
-        server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.value,
-                                               timeout_graceful_shutdown=None), app)
+        server = DrainingServer(uvicorn_config(app, host, port, log_level.value), app)
         server.run()
         if server.started is False:
             raise typer.Exit(1)

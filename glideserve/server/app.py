@@ -12,9 +12,11 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from glideserve.server import images
+from glideserve.server.accounting import AccountingMiddleware, redact_access_log
 from glideserve.server.backend import Backend
 from glideserve.server.errors import BodySizeLimitMiddleware, error_json, install_error_handlers
 from glideserve.server.images import get_state, require_api_key
+from glideserve.server.limits import BodyTimeoutMiddleware
 from glideserve.server.protocol import ErrorResponse, HealthResponse, ModelCard, ModelList, ServerStats
 from glideserve.server.state import ServerConfig, ServerState
 
@@ -49,16 +51,32 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
                     await warmup
             await backend.shutdown(drain=True)
 
-    app = FastAPI(title="glideserve", summary="OpenAI-compatible image generation with step-level batching",
-                  version=_version(), lifespan=lifespan)
+    # /docs and /redoc load their scripts from a public CDN, which fails offline; opt in.
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None}
+    app = GlideServeApp(title="glideserve", summary="OpenAI-compatible image generation with step-level batching",
+                        version=_version(), lifespan=lifespan, **docs)
+    redact_access_log()
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
+    body_timeouts = state.http_metrics.connection_timeouts.labels(kind="body")
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=config.limits.body_timeout_s, on_timeout=body_timeouts.inc)
     app.include_router(images.router)
     app.include_router(images.public_router)
     app.include_router(_v1_router())
     app.include_router(_ops_router())
     return app
+
+
+class GlideServeApp(FastAPI):
+    """FastAPI with the HTTP accounting outside every other layer.
+
+    Middleware added with ``add_middleware`` runs inside Starlette's error
+    middleware, so it never sees the 500 answers; counting there would miss them.
+    """
+
+    def build_middleware_stack(self):
+        return AccountingMiddleware(super().build_middleware_stack(), self.state.server.http_metrics)
 
 
 def _version() -> str:

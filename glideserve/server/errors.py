@@ -14,14 +14,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from glideserve.errors import GlideServeError, QueueFullError
+from glideserve.errors import EngineStoppedError, GlideServeError, QueueFullError
 from glideserve.server.protocol import error_response_body
+from glideserve.server.validation import parse_content_length
 
 log = logging.getLogger(__name__)
 
 GENERATIONS_PATH = "/v1/images/generations"
+DRAIN_LIMIT_BYTES = 1024 * 1024
+# A draining instance will not serve again; this is when a retry (through a load
+# balancer) is likely to reach a replacement.
+SHUTDOWN_RETRY_AFTER_S = 5
 
 
 class AuthenticationError(GlideServeError):
@@ -52,6 +58,13 @@ class GenerationFailedError(GlideServeError):
     code = "generation_failed"
 
 
+class DrainTimeoutError(GlideServeError):
+    """The server shut down before this admitted request finished (``--drain-timeout``)."""
+
+    http_status = 503
+    code = "drain_timeout"
+
+
 class ServerNotReadyError(GlideServeError):
     """The server is warming up, draining or failed its warm-up; it cannot serve yet."""
 
@@ -59,13 +72,33 @@ class ServerNotReadyError(GlideServeError):
     code = "not_ready"
 
 
+HTTP_ERROR_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
+                    413: "request_too_large"}
+
+
+class BodyReadError(StarletteHTTPException):
+    """Raised from ``receive`` while the body is read (too large, too slow); FastAPI
+    passes HTTPExceptions from the body read through unchanged, so it reaches the
+    handler with its own status and ``code``. ``close`` answers with
+    ``Connection: close`` instead of reading the rest of the body after the answer."""
+
+    def __init__(self, status: int, code: str, message: str, close: bool = False):
+        super().__init__(status, message, headers={"Connection": "close"} if close else None)
+        self.code = code
+
+
 def error_json(status: int, message: str, param: str | None = None, code: str | None = None,
                headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_response_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def is_generation(scope: Scope) -> bool:
+    """Whether a request counts in ``glideserve_requests_total`` (a generation outcome)."""
+    return scope.get("path") == GENERATIONS_PATH and scope.get("method") == "POST"
+
+
 def _count(request: Request, code: str) -> None:
-    if request.url.path == GENERATIONS_PATH:
+    if is_generation(request.scope):
         request.app.state.server.metrics.count_request(code)
 
 
@@ -87,6 +120,16 @@ def _validation_message(err: dict) -> str:
     return f"{param}: {message}"
 
 
+def _protocol_headers(request: Request, exc: GlideServeError) -> dict[str, str]:
+    """Headers HTTP asks for with some answers: the auth scheme with a 401 (RFC 9110
+    section 11.6.1) and when to come back with a 503 from a draining server."""
+    if isinstance(exc, AuthenticationError):
+        return {"WWW-Authenticate": 'Bearer realm="glideserve"'}
+    if isinstance(exc, (EngineStoppedError, DrainTimeoutError)):
+        return {"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)}
+    return {}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception type the app can meet to an envelope with the right status."""
 
@@ -103,6 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # A 503 (draining, a request dropped for its deadline) is load doing what it promises, not a fault.
             level = logging.INFO if exc.http_status == 503 else logging.ERROR
             log.log(level, "request %s failed: %s", request.url.path, exc.message)
+        headers = {**(headers or {}), **_protocol_headers(request, exc)}
         return error_json(exc.http_status, exc.message, exc.param, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -115,12 +159,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        status, code = exc.status_code, HTTP_ERROR_CODES.get(exc.status_code, f"http_{exc.status_code}")
         message = exc.detail if isinstance(exc.detail, str) else "request rejected"
-        if exc.status_code == 404:
+        if isinstance(exc, BodyReadError):
+            code = exc.code
+        elif isinstance(exc.__cause__, ClientDisconnect):
+            # The client closed the connection while sending the body: nobody will read
+            # this answer, but the request is still counted under its real reason.
+            status, code, message = 499, "client_disconnected", "the client closed the connection mid-body"
+        elif status == 400:
+            # FastAPI's "There was an error parsing the body": bytes that are not UTF-8 JSON.
+            message = "the request body could not be decoded; send UTF-8 JSON with Content-Type: application/json"
+        elif status == 404:
             message = f"no route {request.method} {request.url.path}; see GET /openapi.json"
-        _count(request, codes.get(exc.status_code, "http_error"))
-        return error_json(exc.status_code, message, None, codes.get(exc.status_code), exc.headers)
+        _count(request, code)
+        return error_json(status, message, None, code, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -147,8 +200,14 @@ class BodySizeLimitMiddleware:
         too_large = (f"the request body exceeds {self.max_bytes} bytes; "
                      "shorten the prompt or split the request")
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = error_json(413, too_large, None, "request_too_large")
+            length = parse_content_length(value) if name == b"content-length" else None
+            if length is not None and length > self.max_bytes:
+                if is_generation(scope):
+                    scope["app"].state.server.metrics.count_request("request_too_large")
+                # A small body is cheaper to read and discard than a reset connection, which
+                # can lose the 413 before the client reads it; a huge one is not read at all.
+                close = {"Connection": "close"} if length > DRAIN_LIMIT_BYTES else None
+                response = error_json(413, too_large, None, "request_too_large", close)
                 await response(scope, receive, send)
                 return
         received = 0
@@ -159,7 +218,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise StarletteHTTPException(413, too_large)
+                    raise BodyReadError(413, "request_too_large", too_large)
             return message
 
         await self.app(scope, limited_receive, send)

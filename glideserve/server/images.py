@@ -22,16 +22,16 @@ from glideserve.errors import (DeadlineExceededError, EngineStoppedError, Invali
 from glideserve.outputs import GenerationResult, Queued, RequestFailed, StepProgress
 from glideserve.params import GenerationParams
 from glideserve.server.backend import RequestStream
-from glideserve.server.errors import (GENERATIONS_PATH, GenerationFailedError, NotFoundError,
+from glideserve.server.errors import (GENERATIONS_PATH, DrainTimeoutError, GenerationFailedError, NotFoundError,
                                       RequestIdConflictError)
 from glideserve.server.protocol import (CancelResponse, CompletedEvent, ErrorBody, ErrorResponse,
                                         ImageData, ImageGenerationRequest, ImagesResponse, ImageTimings,
                                         PartialImageEvent, ProgressEvent, ResponseTimings, StreamErrorEvent,
                                         error_response_body)
 from glideserve.server.state import ServerState
+from glideserve.server.validation import IMAGE_ID_PATTERN, REQUEST_ID_PATTERN
 
 PREVIEW_SIDE = 256
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 _bearer = HTTPBearer(auto_error=False, description="required when the server runs with an API key")
 
 
@@ -66,6 +66,7 @@ class GenerationJob:
         self._finished: set[int] = set()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
+        self.abort_reason: str | None = None  # why the server aborted it; None: the client cancelled
 
     async def admit(self, params: list[GenerationParams]) -> None:
         """Admit every image or none: a rejection aborts the images already admitted."""
@@ -82,6 +83,8 @@ class GenerationJob:
             async for event in stream:
                 if isinstance(event, (GenerationResult, RequestFailed)):
                     self._finished.add(index)
+                if isinstance(event, RequestFailed) and event.reason == "aborted" and self.abort_reason:
+                    event = RequestFailed(event.request_id, self.abort_reason, event.message)
                 self._queue.put_nowait((index, event))
         except Exception as exc:  # a broken stream fails its image instead of hanging the response
             self._finished.add(index)
@@ -98,7 +101,11 @@ class GenerationJob:
             else:
                 yield index, event
 
-    async def abort(self) -> None:
+    async def abort(self, reason: str | None = None) -> None:
+        """Cancel the unfinished images; ``reason`` (e.g. ``drain_timeout``) replaces
+        ``aborted`` in their RequestFailed events when the server, not the client, gave up."""
+        if reason is not None:
+            self.abort_reason = reason
         for index, stream in enumerate(self.streams):
             if index not in self._finished:
                 await self.state.backend.abort(stream.request_id)
@@ -159,6 +166,9 @@ def _timings(result: GenerationResult) -> ImageTimings:
 
 
 def _failure(event: RequestFailed) -> Exception:
+    if event.reason == DrainTimeoutError.code:
+        return DrainTimeoutError("the server shut down before the image was finished (drain timeout); retry "
+                                 "on another instance")
     if event.reason == "aborted":
         return RequestAbortedError(f"the request was cancelled: {event.message}".rstrip(": "))
     if event.reason == DeadlineExceededError.code:
@@ -256,7 +266,7 @@ async def _collect(job: GenerationJob, request: Request) -> ImagesResponse:
         png = await asyncio.to_thread(_png, result.image)
         job.state.metrics.observe_image(result.timings)
         if job.body.response_format == "url":
-            url = str(request.url_for("get_image", image_id=job.state.images.put(png)))
+            url = _image_url(request, job.state.images.put(png))
             data.append(ImageData(url=url, seed=result.params.seed))
         else:
             data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=result.params.seed))
@@ -264,6 +274,14 @@ async def _collect(job: GenerationJob, request: Request) -> ImagesResponse:
     timings = ResponseTimings(total_s=round(total_s, 6), slo_ms=job.slo_ms, slo_met=met,
                               images=[_timings(results[i]) for i in range(len(job.streams))])
     return ImagesResponse(created=int(time.time()), data=data, size=job.size(), timings=timings)
+
+
+def _image_url(request: Request, image_id: str) -> str:
+    # Never from the Host header: a client (or anyone who can set Host in front of a
+    # proxy) would choose the host every later reader of the URL is sent to.
+    path = request.scope.get("root_path", "") + request.app.url_path_for("get_image", image_id=image_id)
+    public_url = get_state(request).config.public_url
+    return path if public_url is None else public_url + path
 
 
 async def _event_stream(job: GenerationJob) -> AsyncIterator[str]:
@@ -307,7 +325,7 @@ async def _event_stream(job: GenerationJob) -> AsyncIterator[str]:
 
 
 @router.delete("/v1/requests/{request_id}", response_model=CancelResponse)
-async def cancel_request(request: Request, request_id: str = Path(max_length=64)) -> CancelResponse:
+async def cancel_request(request: Request, request_id: str = Path(pattern=REQUEST_ID_PATTERN)) -> CancelResponse:
     """Cancel a generation in flight (its id is the ``X-Request-Id`` response header)."""
     job = get_state(request).jobs.get(request_id)
     if job is None:
@@ -320,8 +338,9 @@ async def cancel_request(request: Request, request_id: str = Path(max_length=64)
                    responses={200: {"content": {"image/png": {}}}})
 async def get_image(request: Request, image_id: str = Path(max_length=64)) -> Response:
     """A PNG returned with ``response_format="url"``; URLs expire (see the server's image TTL)."""
-    png = get_state(request).images.get(image_id)
+    # Anything that is not an id this server mints is simply unknown: a 404, like an expired id.
+    png = get_state(request).images.get(image_id) if IMAGE_ID_PATTERN.fullmatch(image_id) else None
     if png is None:
-        raise NotFoundError(f"image {image_id!r} does not exist or has expired; generate it again", "image_id")
+        raise NotFoundError("the image does not exist or has expired; generate it again", "image_id")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
 

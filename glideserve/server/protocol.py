@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from glideserve.errors import InvalidRequestError
 from glideserve.params import (MAX_GUIDANCE, MAX_PARTIAL_IMAGES, MAX_PRIORITY, MAX_PROMPT_CHARS, MAX_SEED,
                                MAX_SLO_MS, MAX_STEPS, parse_size)
+from glideserve.server.validation import check_text
 
 MAX_IMAGES_PER_REQUEST = 8
 MAX_USER_CHARS = 256
@@ -73,14 +74,14 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_text(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain some non-whitespace text")
-        return _require_utf8(value, "prompt")
+        return check_text(_require_utf8(value, "prompt"), "prompt", allow_empty=False)
 
     @field_validator("negative_prompt", "user", "sampler", "model")
     @classmethod
     def _utf8_text(cls, value: str | None, info) -> str | None:
-        return _require_utf8(value, info.field_name)
+        if value is None:
+            return None
+        return check_text(_require_utf8(value, info.field_name), info.field_name, allow_empty=True)
 
     def height_width(self) -> tuple[int | None, int | None]:
         """``(height, width)`` from ``size``; ``(None, None)`` asks for the model's default."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING, Callable
 
 from glideserve.outputs import GenerationResult, RequestFailed
 from glideserve.params import MAX_SLO_MS, GenerationParams
+from glideserve.server.accounting import HttpMetrics
 from glideserve.server.backend import Backend
+from glideserve.server.limits import HttpLimits, check_public_url
 from glideserve.server.errors import AuthenticationError
 from glideserve.server.metrics import ServerMetrics
 
@@ -21,11 +24,19 @@ if TYPE_CHECKING:
     from glideserve.server.images import GenerationJob
 
 log = logging.getLogger(__name__)
+# After the drain timeout, how long the aborted requests get to write their 503s.
+DRAIN_ANSWER_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """HTTP-side settings; the engine's own limits live in its EngineConfig.
+
+    ``public_url`` (e.g. ``https://images.example.com``) is the base of the image URLs
+    the server hands out; without it they are relative (``/v1/images/...``). The
+    client's ``Host`` header is never used. ``docs`` serves ``/docs`` and ``/redoc``
+    (their pages load scripts from a public CDN). ``limits`` bounds connections,
+    timeouts and the shutdown drain (see HttpLimits).
 
     ``model_id`` is the name clients pass as ``model`` (default: the backend's spec
     name). ``max_queue`` bounds engine requests waiting for a slot: a request that
@@ -40,12 +51,17 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256
     max_body_bytes: int = 64 * 1024
+    public_url: str | None = None
+    docs: bool = False
+    limits: HttpLimits = HttpLimits()
     image_ttl_s: float = 600.0
     max_stored_images: int = 256
     warmup: bool = True
     default_slo_ms: float | None = None
 
     def __post_init__(self):
+        if self.public_url is not None:
+            object.__setattr__(self, "public_url", check_public_url(self.public_url))
         for name in ("max_queue", "max_body_bytes", "max_stored_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1")
@@ -104,6 +120,7 @@ class ServerState:
         self.config = config
         self.model_id = config.model_id or backend.spec.name
         self.metrics = ServerMetrics(backend.stats)
+        self.http_metrics = HttpMetrics(self.metrics.registry)
         self.images = ImageStore(config.max_stored_images, config.image_ttl_s)
         self.jobs: dict[str, GenerationJob] = {}
         self.ready = False
@@ -114,6 +131,28 @@ class ServerState:
 
     def begin_drain(self) -> None:
         self.draining = True
+
+    async def drain(self, timeout_s: float, poll_s: float = 0.05) -> int:
+        """Stop admitting, wait up to ``timeout_s`` for the admitted requests, then fail
+        what is left with 503 ``drain_timeout``; returns how many were failed.
+
+        The failed requests are aborted in the engine (freed at its next step) and
+        answered through their own responses, so each is counted once like any other.
+        """
+        self.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.jobs and loop.time() < deadline:
+            await asyncio.sleep(poll_s)
+        late = list(self.jobs.values())
+        if late:
+            log.warning("drain timeout (%.0f s): failing %d unfinished request(s)", timeout_s, len(late))
+            for job in late:
+                await job.abort(reason="drain_timeout")
+            grace = loop.time() + DRAIN_ANSWER_GRACE_S
+            while self.jobs and loop.time() < grace:  # let their answers be written
+                await asyncio.sleep(poll_s)
+        return len(late)
 
     def served_model_ids(self) -> set[str]:
         return {self.model_id, self.backend.spec.name}

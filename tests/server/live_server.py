@@ -44,9 +44,8 @@ class LiveServer:
 
     def __init__(self, model: str | Path, config: ServerConfig = ServerConfig(), system: str = "glideserve",
                  **engine_config):
-        import uvicorn
-
         from glideserve.cli.serve import System, make_backend
+        from glideserve.server.run import DrainingServer, uvicorn_config
 
         engine_config.setdefault("max_image_side", 128)
         self.backend = make_backend(System(system), str(model), **engine_config)
@@ -54,13 +53,18 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = f"{self.url}/v1"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                     log_level="warning"))
+        self._server = DrainingServer(uvicorn_config(self.app, "127.0.0.1", self.port, "warning"), self.app)
         self._thread = threading.Thread(target=self._server.run, name="uvicorn-test", daemon=True)
 
     @property
     def state(self):
         return self.app.state.server
+
+    def call(self, coroutine, timeout_s: float = 120.0):
+        """Run ``coroutine`` on the server's event loop and return its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self._server._loop).result(timeout_s)
 
     def __enter__(self) -> "LiveServer":
         self._thread.start()

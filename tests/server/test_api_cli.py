@@ -17,3 +17,16 @@ def test_unknown_system_is_rejected():
     result = CliRunner().invoke(app, ["serve", "--system", "tgi"])
     assert result.exit_code == 2
     assert "glideserve" in result.output
+
+
+def test_bad_public_url_is_reported_without_a_traceback():
+    result = CliRunner().invoke(app, ["serve", "--public-url", "ftp://x", "--port", "0"])
+    assert result.exit_code == 2
+    assert "--public-url" in result.output and "Traceback" not in result.output
+
+
+def test_limit_flags_reject_nonsense():
+    for flag in ("--header-timeout", "--body-timeout", "--keep-alive-timeout", "--write-timeout",
+                 "--drain-timeout", "--max-connections"):
+        result = CliRunner().invoke(app, ["serve", flag, "0", "--port", "0"])
+        assert result.exit_code == 2, (flag, result.output)

@@ -38,9 +38,10 @@ def test_same_seed_reproduces_and_n_uses_consecutive_seeds(openai_client):
     assert pixel_mismatch(decode(alone.data[0].b64_json), images[1]) is None
 
 
-def test_url_response_format_serves_the_png(openai_client):
+def test_url_response_format_serves_the_png(server, openai_client):
     result = openai_client.images.generate(prompt="a cat", response_format="url", extra_body=FAST)
-    response = httpx.get(result.data[0].url)
+    assert result.data[0].url.startswith("/v1/images/img_")  # relative: no --public-url
+    response = httpx.get(server.url + result.data[0].url)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(response.content)).size == (32, 32)
