@@ -27,6 +27,9 @@ SYSTEMS=(--system diffusers-sequential --system request-batching
          --system "glideserve-slack=glideserve --policy slack" --system "glideserve-fcfs=glideserve --policy fcfs")
 COMMON=(--model "$MODEL" --arrival trace --trace "$TRACE" --duration "$DURATION" --slo-scale 5)
 
+# Measure glideserve's latency profile once, up front, and cache it: every glideserve server below
+# loads it from the cache instead of sweeping while the previous server's process winds down.
+glideserve profile --model "$MODEL" --refresh
 glideserve bench latency --model "$MODEL" --system diffusers-sequential --steps "$STEPS" \
     --single-count 10 --interval 0.5 --batch-count 0 --out "$OUT/capacity"
 CAPACITY=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(1/d["diffusers-sequential"]["single"]["latency_s"]["p50"])' "$OUT/capacity/latency.json")
