@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers started by tests measure latency profiles; keep their cache out of the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="glideserve-test-cache-")
 
 
 def _save(pipe, path):

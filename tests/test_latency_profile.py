@@ -101,3 +101,13 @@ def test_engine_config_validates_profile_and_policy_options():
         EngineConfig.from_kwargs(drop_late_after=-1)
     with pytest.raises(ValueError, match="max_paused"):
         EngineConfig.from_kwargs(max_paused=-2)
+
+
+def test_a_slowed_down_point_never_makes_a_bigger_batch_look_cheaper():
+    # 8 rows measured while another process ran: read as no slower than 16 rows.
+    curve = PiecewiseLinear({1: 0.03, 2: 0.013, 4: 0.02, 8: 0.5, 16: 0.2})
+    values = [curve(x) for x in range(1, 25)]
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+    assert curve(1) == pytest.approx(0.013) and curve(8) == 0.2 and curve(16) == 0.2
+    curve.observe(8, 0.1, alpha=1.0)  # online updates move the raw point, not the envelope
+    assert curve.points[8] == pytest.approx(0.1) and curve(8) == pytest.approx(0.1)

@@ -23,17 +23,25 @@ from glideserve.bench.server_process import ServerProcess
 
 @dataclass(frozen=True)
 class Target:
-    """A system under test: a running server at ``url``, or one to start from ``model``."""
+    """A system under test: a running server at ``url``, or one to start from ``model``.
+
+    ``system`` is what ``glideserve serve --system`` starts; ``label`` names the run in
+    reports (default: the system), so one system can run twice with different
+    ``server_args`` (say ``--policy fcfs`` and ``--policy slack``).
+    """
 
     system: str
     url: str | None = None
     model: str | None = None
     server_args: tuple[str, ...] = ()
     ready_timeout_s: float = 600.0
+    label: str = ""
 
     def __post_init__(self):
         if (self.url is None) == (self.model is None):
             raise ValueError(f"system {self.system!r}: give either a server URL or a model to start the server with")
+        if not self.label:
+            object.__setattr__(self, "label", self.system)
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,10 @@ class SloPolicy:
             return None
         return self.slo_scale * reference_isolated_s
 
+    def slo_by_class(self, reference: dict[str, float | None], labels: list[str]) -> dict[str, float | None]:
+        """Each class's SLO from its own reference isolated latency (mixed workloads)."""
+        return {label: self.slo_s(reference.get(label)) for label in labels}
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -93,34 +105,40 @@ def open_target(target: Target, log_dir: Path):
     if target.url is not None:
         yield target.url, None
         return
-    server = ServerProcess(target.system, target.model, log_path=log_dir / f"server-{target.system}.log",
+    server = ServerProcess(target.system, target.model, log_path=log_dir / f"server-{target.label}.log",
                            extra_args=target.server_args, ready_timeout_s=target.ready_timeout_s)
     with server:
         yield server.url, server
 
 
 def run_system(target: Target, workloads: list[Workload], prompts: list[str], template: RequestTemplate, *,
-               slo: SloPolicy, timeout_s: float, log_dir: Path, reference_isolated_s: float | None = None,
-               flops_per_image: float | None = None, peak_flops: float | None = None, cooldown_s: float = 2.0,
-               log=print) -> list[RunResult]:
+               slo: SloPolicy, timeout_s: float, log_dir: Path,
+               reference_isolated_s: dict[str, float | None] | None = None, flops_per_image: float | None = None,
+               peak_flops: float | None = None, cooldown_s: float = 2.0, log=print) -> list[RunResult]:
     """Run each workload on one system in order; see the module docstring.
 
-    ``reference_isolated_s`` is the isolated latency the SLO is relative to; ``None``
-    uses this system's own (the first system of a comparison).
+    ``reference_isolated_s`` maps each request class (see ``RequestTemplate.classes``)
+    to the isolated latency its SLO is relative to; ``None`` uses this system's own
+    (the first system of a comparison).
     """
     results = []
+    name = target.label
+    classes = template.classes()
+    labels = [c.class_label for c in classes]
     with open_target(target, log_dir) as (url, server):
-        isolated_s = None
+        isolated: dict[str, float | None] = {label: None for label in labels}
         if slo.isolated_requests:
-            isolated_s = asyncio.run(measure_isolated_latency(url, prompts, template, count=slo.isolated_requests,
-                                                              warmup=slo.warmup, timeout_s=timeout_s))
-        slo_s = slo.slo_s(reference_isolated_s if reference_isolated_s is not None else isolated_s)
-        log(f"[{target.system}] isolated latency: {_seconds(isolated_s)}, SLO: {_seconds(slo_s)}")
+            for cls in classes:
+                isolated[cls.class_label] = asyncio.run(measure_isolated_latency(
+                    url, prompts, cls, count=slo.isolated_requests, warmup=slo.warmup, timeout_s=timeout_s))
+        slo_s = slo.slo_by_class(reference_isolated_s if reference_isolated_s is not None else isolated, labels)
+        for label in labels:
+            log(f"[{name}] {label}: isolated latency {_seconds(isolated[label])}, SLO {_seconds(slo_s[label])}")
         for i, workload in enumerate(workloads):
             if i and cooldown_s > 0:
                 time.sleep(cooldown_s)  # let requests the client gave up on drain from the server
             offered = "" if workload.offered_rate is None else f", {workload.offered_rate:.2f} req/s offered"
-            log(f"[{target.system}] {workload.label}: {len(workload.schedule)} requests over "
+            log(f"[{name}] {workload.label}: {len(workload.schedule)} requests over "
                 f"{workload.schedule.span_s:.1f} s{offered}")
             cpu_before = server.cpu_seconds() if server else None
             records = asyncio.run(run_open_loop(url, workload.schedule, prompts, template, slo_s=slo_s,
@@ -128,11 +146,13 @@ def run_system(target: Target, workloads: list[Workload], prompts: list[str], te
             cpu = server.cpu_seconds() - cpu_before if server else None
             summary = summarize(records, offered_rate=workload.offered_rate, flops_per_image=flops_per_image,
                                 peak_flops=peak_flops, cpu_seconds=cpu)
-            summary.update(system=target.system, workload=workload.label, isolated_latency_s=isolated_s)
-            results.append(RunResult(target.system, workload.label, records, summary))
+            summary.update(system=name, workload=workload.label,
+                           isolated_latency_s=isolated[labels[0]] if len(labels) == 1 else None,
+                           isolated_latency_by_class=isolated)
+            results.append(RunResult(name, workload.label, records, summary))
     if server is not None:
         # A non-zero code means the server crashed or did not shut down cleanly on SIGTERM.
-        log(f"[{target.system}] server exited with code {server.returncode}")
+        log(f"[{name}] server exited with code {server.returncode}")
         for run in results:
             run.summary["server_exit_code"] = server.returncode
     return results
@@ -144,12 +164,12 @@ def run_systems(targets: list[Target], workloads: list[Workload], prompts: list[
     results: dict[str, list[RunResult]] = {}
     reference = None
     for target in targets:
-        if target.system in results:
-            raise ValueError(f"system {target.system!r} is listed twice; give each run its own label")
+        if target.label in results:
+            raise ValueError(f"system {target.label!r} is listed twice; give each run its own label (LABEL=SYSTEM)")
         runs = run_system(target, workloads, prompts, template, reference_isolated_s=reference, **options)
-        results[target.system] = runs
+        results[target.label] = runs
         if reference is None:
-            reference = runs[0].summary["isolated_latency_s"]
+            reference = runs[0].summary["isolated_latency_by_class"]
     return results
 
 

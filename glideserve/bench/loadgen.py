@@ -13,13 +13,14 @@ import asyncio
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping
 
 import httpx
 
 from glideserve.bench.arrivals import Schedule
-from glideserve.bench.records import DROPPED, SUCCEEDED, TIMED_OUT, RequestRecord
+from glideserve.bench.records import DROPPED, LATE, ON_TIME, REFUSAL_CODES, REFUSED, RequestRecord
 
 GENERATIONS_PATH = "/v1/images/generations"
 TOY_COLORS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple", "pink", "brown", "gray")
@@ -54,7 +55,11 @@ def read_prompts(path: str | Path) -> list[str]:
 class RequestTemplate:
     """Body fields shared by every request; request ``i`` gets seed ``base_seed + i``.
 
-    ``None`` fields are left out so the server's defaults apply.
+    ``None`` fields are left out so the server's defaults apply. A mixed workload
+    gives ``steps_mix`` and/or ``size_mix``: request ``i`` then draws its steps and
+    size uniformly from them with a generator seeded by ``(base_seed, i)``, so every
+    system sees the same request at the same index. Each (steps, size) pair is a
+    *class*, named by :meth:`class_label`, with its own isolated latency and SLO.
     """
 
     model: str | None = None
@@ -62,6 +67,29 @@ class RequestTemplate:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     base_seed: int = 0
+    steps_mix: tuple[int, ...] = ()
+    size_mix: tuple[str, ...] = ()
+
+    def for_index(self, index: int) -> "RequestTemplate":
+        """This template with request ``index``'s draw from the mixes (itself without mixes)."""
+        if not self.steps_mix and not self.size_mix:
+            return self
+        rng = random.Random(self.base_seed * 1_000_003 + index)
+        steps = rng.choice(self.steps_mix) if self.steps_mix else self.num_inference_steps
+        size = rng.choice(self.size_mix) if self.size_mix else self.size
+        return replace(self, num_inference_steps=steps, size=size, steps_mix=(), size_mix=())
+
+    def classes(self) -> list["RequestTemplate"]:
+        """One mix-free template per (steps, size) class, in a stable order."""
+        steps = self.steps_mix or (self.num_inference_steps,)
+        sizes = self.size_mix or (self.size,)
+        return [replace(self, num_inference_steps=n, size=z, steps_mix=(), size_mix=()) for n in steps for z in sizes]
+
+    @property
+    def class_label(self) -> str:
+        """``"20 steps 64x64"``; ``default`` stands for a field the server chooses."""
+        steps = "default" if self.num_inference_steps is None else str(self.num_inference_steps)
+        return f"{steps} steps {self.size or 'default size'}"
 
     def body(self, prompt: str, index: int, slo_s: float | None) -> dict:
         body = {"prompt": prompt, "n": 1, "response_format": "b64_json", "seed": self.base_seed + index}
@@ -105,7 +133,7 @@ async def send_one(client: httpx.AsyncClient, url: str, body: dict, record: Requ
             payload = await asyncio.to_thread(response.json) if response.status_code == 200 else None
     except (TimeoutError, httpx.TimeoutException):
         record.finished_s = time.monotonic() - t0
-        record.status, record.error = TIMED_OUT, f"no response within the client timeout of {timeout_s:g} s"
+        record.status, record.error = LATE, f"no response within the client timeout of {timeout_s:g} s"
         return record
     except (httpx.HTTPError, ValueError) as exc:  # ValueError: a 200 whose body is not JSON
         record.finished_s = time.monotonic() - t0
@@ -114,8 +142,10 @@ async def send_one(client: httpx.AsyncClient, url: str, body: dict, record: Requ
     record.finished_s = time.monotonic() - t0
     record.http_status = response.status_code
     if response.status_code != 200:
-        record.status = DROPPED
         record.error = response.text[:300]
+        record.error_code = _error_code(response)
+        refused = response.status_code == 429 or record.error_code in REFUSAL_CODES
+        record.status = REFUSED if refused else DROPPED
         return record
     data = payload.get("data") if isinstance(payload, dict) else None
     if not data or not data[0].get("b64_json"):
@@ -126,8 +156,18 @@ async def send_one(client: httpx.AsyncClient, url: str, body: dict, record: Requ
     record.queued_s = _float_or_none(image_timings.get("queued_s"))
     record.server_total_s = _float_or_none(timings.get("total_s"))
     late = record.slo_s is not None and record.latency_s > record.slo_s
-    record.status = TIMED_OUT if late else SUCCEEDED
+    record.status = LATE if late else ON_TIME
     return record
+
+
+def _error_code(response: httpx.Response) -> str:
+    """``error.code`` of an OpenAI error envelope; empty when the body is not one."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return ""
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else ""
 
 
 def _float_or_none(value) -> float | None:
@@ -143,13 +183,14 @@ async def _warm_up(client: httpx.AsyncClient, url: str) -> None:
 
 
 async def run_open_loop(url: str, schedule: Schedule, prompts: list[str], template: RequestTemplate, *,
-                        slo_s: float | None, timeout_s: float, client: httpx.AsyncClient | None = None
-                        ) -> list[RequestRecord]:
+                        slo_s: float | None | Mapping[str, float | None], timeout_s: float,
+                        client: httpx.AsyncClient | None = None) -> list[RequestRecord]:
     """Send every request of ``schedule`` at its time and wait for all of them to end.
 
     Request ``i`` takes prompt ``prompt_ids[i]`` of a trace (modulo the number of
-    prompts) or prompt ``i`` otherwise. ``slo_s`` is the per-request SLO (``None``: any
-    image counts as succeeded); ``timeout_s`` is the client's total deadline per request.
+    prompts) or prompt ``i`` otherwise, and its class from ``template.for_index(i)``.
+    ``slo_s`` is the per-request SLO, one for all or one per class label (``None``: any
+    image counts as on time); ``timeout_s`` is the client's total deadline per request.
     """
     if not prompts:
         raise ValueError("no prompts to send")
@@ -162,9 +203,13 @@ async def run_open_loop(url: str, schedule: Schedule, prompts: list[str], templa
         t0 = time.monotonic() + _START_LEAD_S
         for i, offset in enumerate(schedule.offsets):
             prompt_id = schedule.prompt_ids[i] if schedule.prompt_ids is not None else i
-            record = RequestRecord(index=i, prompt_id=prompt_id, scheduled_s=offset, status=DROPPED, slo_s=slo_s)
+            request_template = template.for_index(i)
+            label = request_template.class_label
+            request_slo = slo_s.get(label) if isinstance(slo_s, Mapping) else slo_s
+            record = RequestRecord(index=i, prompt_id=prompt_id, scheduled_s=offset, status=DROPPED,
+                                   slo_s=request_slo, workload_class=label)
             records.append(record)
-            body = template.body(prompts[prompt_id % len(prompts)], i, slo_s)
+            body = request_template.body(prompts[prompt_id % len(prompts)], i, request_slo)
             delay = t0 + offset - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)

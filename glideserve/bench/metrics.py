@@ -6,11 +6,18 @@ Definitions (every figure in a summary follows these):
   percentiles use linear interpolation between order statistics (numpy's default).
 - wall time: from the start of the run to the last response or the last scheduled
   arrival, whichever is later.
-- SLO attainment: succeeded / all requests (dropped and late requests count against it).
+- outcomes: on time / late / refused / dropped (see ``RequestRecord``); every request
+  has exactly one.
+- SLO attainment: on time / all requests (late, refused and dropped count against it).
+- late share of served: late images / images returned (what a client that got an
+  image saw); refusal wait: send-to-answer seconds of refused requests (how fast a
+  client learns to go elsewhere).
 - goodput: images finished within their SLO per minute of wall time; throughput:
   images returned (late ones included) per second and per minute of wall time.
-- per-second outcomes: counts of succeeded / timed-out / dropped requests by the
-  second in which they were scheduled to arrive, as in DiffServe's plots.
+- per-second outcomes: counts of each outcome by the second in which requests were
+  scheduled to arrive, as in DiffServe's plots.
+- per class (mixed workloads): the same counts, attainment and served latency for
+  each request class, whose SLO is scaled from its own isolated latency.
 - achieved FLOP/s: model FLOPs per image x images returned / wall time; MFU: that
   over the fp32 matmul peak measured on the same machine.
 """
@@ -22,7 +29,7 @@ import time
 
 import numpy as np
 
-from glideserve.bench.records import DROPPED, STATUSES, SUCCEEDED, TIMED_OUT, RequestRecord
+from glideserve.bench.records import LATE, ON_TIME, REFUSED, STATUSES, RequestRecord
 
 PERCENTILES = (50, 95, 99)
 
@@ -50,7 +57,7 @@ def per_second_outcomes(records: list[RequestRecord]) -> list[dict]:
     if not records:
         return []
     last = int(math.floor(max(r.scheduled_s for r in records)))
-    rows = [{"second": s, SUCCEEDED: 0, TIMED_OUT: 0, DROPPED: 0} for s in range(last + 1)]
+    rows = [{"second": s, **{status: 0 for status in STATUSES}} for s in range(last + 1)]
     for rec in records:
         rows[int(math.floor(rec.scheduled_s))][rec.status] += 1
     return rows
@@ -65,23 +72,16 @@ def summarize(records: list[RequestRecord], *, offered_rate: float | None = None
     ``cpu_seconds`` is the server process's CPU time over the run, when it was measured.
     """
     notes: list[str] = []
-    counts = {status: sum(r.status == status for r in records) for status in STATUSES}
     completed = [r for r in records if r.completed]
     wall = wall_time_s(records)
-    n = len(records)
     summary = {
-        "requests": n,
-        **counts,
-        "completed": len(completed),
-        "slo_attainment": counts[SUCCEEDED] / n if n else None,
+        **outcome_figures(records),
         "wall_s": wall,
         "offered_rate": offered_rate,
         "throughput_rps": len(completed) / wall if wall > 0 else None,
         "throughput_img_per_min": 60.0 * len(completed) / wall if wall > 0 else None,
-        "goodput_img_per_min": 60.0 * counts[SUCCEEDED] / wall if wall > 0 else None,
-        "latency_s": distribution([r.latency_s for r in completed]),
+        "goodput_img_per_min": 60.0 * sum(r.status == ON_TIME for r in records) / wall if wall > 0 else None,
         "send_lag_s": distribution([r.send_lag_s for r in records if r.send_lag_s is not None]),
-        "slo_s": distribution([r.slo_s for r in records if r.slo_s is not None]),
     }
     queued = [r.queued_s for r in completed if r.queued_s is not None]
     summary["queue_s"] = distribution(queued)
@@ -98,8 +98,30 @@ def summarize(records: list[RequestRecord], *, offered_rate: float | None = None
 
     summary.update(_flops_figures(completed, wall, flops_per_image, peak_flops, notes))
     summary["per_second"] = per_second_outcomes(records)
+    classes = sorted({r.workload_class for r in records if r.workload_class})
+    if len(classes) > 1:
+        summary["by_class"] = {label: outcome_figures([r for r in records if r.workload_class == label])
+                               for label in classes}
     summary["notes"] = notes
     return summary
+
+
+def outcome_figures(records: list[RequestRecord]) -> dict:
+    """Counts by outcome, SLO attainment, late share of served, served latency, refusal wait, SLO."""
+    n = len(records)
+    counts = {status: sum(r.status == status for r in records) for status in STATUSES}
+    completed = [r for r in records if r.completed]
+    late_served = sum(r.status == LATE for r in completed)
+    return {
+        "requests": n,
+        **counts,
+        "completed": len(completed),
+        "slo_attainment": counts[ON_TIME] / n if n else None,
+        "late_share_of_served": late_served / len(completed) if completed else None,
+        "latency_s": distribution([r.latency_s for r in completed]),
+        "refusal_wait_s": distribution([r.answer_s for r in records if r.status == REFUSED and r.answer_s is not None]),
+        "slo_s": distribution([r.slo_s for r in records if r.slo_s is not None]),
+    }
 
 
 def _flops_figures(completed: list[RequestRecord], wall: float, flops_per_image: float | None,

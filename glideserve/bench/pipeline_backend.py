@@ -44,6 +44,12 @@ class BaselineConfig:
     per-step budget) and waits at most ``batch_wait_ms`` for more to arrive. The
     sequential baseline ignores the batch options. ``max_sequence_length`` is the T5
     token budget of SD3 models.
+
+    ``shed_late`` is the load shedding servers of this kind use: when a request with
+    ``slo_ms`` is about to run, and its wait so far plus the predicted duration of a
+    pipeline call (an EWMA, weight ``shed_ewma_alpha``, of measured calls with the same
+    parameters) exceeds its SLO, it is answered ``deadline_exceeded`` (503) instead of
+    run. Nothing is shed before the first call with those parameters was measured.
     """
 
     device: str = "cpu"
@@ -55,8 +61,12 @@ class BaselineConfig:
     max_sequence_length: int = 256
     max_image_side: int = 2048
     num_threads: int | None = None
+    shed_late: bool = True
+    shed_ewma_alpha: float = 0.3
 
     def __post_init__(self):
+        if not 0 < self.shed_ewma_alpha <= 1:
+            raise ValueError(f"shed_ewma_alpha must be in (0, 1], got {self.shed_ewma_alpha!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         for name in ("max_waiting", "max_batch_rows", "max_image_side"):
@@ -141,6 +151,8 @@ class PipelineBackend(abc.ABC):
         self._stop = False
         self._steps_total = 0
         self._last_step: StepStats | None = None
+        self._call_s: dict[tuple, float] = {}  # EWMA of a pipeline call's duration, per batch key
+        self._shed_total = 0
 
     @property
     def accepting(self) -> bool:
@@ -192,7 +204,8 @@ class PipelineBackend(abc.ABC):
         with self._cond:
             waiting, running = len(self._waiting), len(self._running)
         return EngineStats(waiting, running, self._steps_total, last.duration_s if last else 0.0,
-                           last.num_rows if last else 0, last.num_requests if last else 0)
+                           last.num_rows if last else 0, last.num_requests if last else 0,
+                           dropped_total=self._shed_total)
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)
@@ -224,10 +237,45 @@ class PipelineBackend(abc.ABC):
         """Remove and return the next batch, blocking until there is one; ``None`` once stopped
         with nothing left. Called with the lock held (``self._cond.wait`` releases it)."""
 
+    def _predicted_late(self, pending: PendingRequest, now: float) -> bool:
+        slo_ms = pending.params.slo_ms
+        call_s = self._call_s.get(pending.batch_key)
+        if not self.config.shed_late or slo_ms is None or call_s is None:
+            return False
+        return (now - pending.arrival) + call_s > slo_ms / 1000.0
+
+    def _shed(self, pending: PendingRequest, now: float) -> None:
+        """Answer a request that cannot finish in time instead of running it (caller holds the lock)."""
+        self._shed_total += 1
+        predicted = now - pending.arrival + self._call_s[pending.batch_key]
+        pending.stream.push(RequestFailed(
+            pending.request_id, "deadline_exceeded",
+            f"shed: predicted latency {predicted:.2f} s exceeds the SLO of {pending.params.slo_ms / 1000:.2f} s"))
+
+    def _take_timely_batch(self) -> list[PendingRequest] | None:
+        """``_take_batch`` without the requests that would finish past their SLO (caller holds the lock)."""
+        while True:
+            now = time.monotonic()
+            for pending in [p for p in self._waiting if self._predicted_late(p, now)]:
+                self._waiting.remove(pending)
+                self._shed(pending, now)
+            batch = self._take_batch()
+            if batch is None:
+                return None
+            now = time.monotonic()
+            timely = []
+            for pending in batch:
+                if self._predicted_late(pending, now):
+                    self._shed(pending, now)
+                else:
+                    timely.append(pending)
+            if timely:
+                return timely
+
     def _worker(self) -> None:
         while True:
             with self._cond:
-                batch = self._take_batch()
+                batch = self._take_timely_batch()
                 if batch is None:
                     return
                 for pending in batch:
@@ -289,6 +337,10 @@ class PipelineBackend(abc.ABC):
         with torch.inference_mode():
             images = pipe(**kwargs).images
         end = time.monotonic()
+        if not all(p.aborted for p in batch):  # an interrupted call says nothing about a full one
+            key, alpha = batch[0].batch_key, self.config.shed_ewma_alpha
+            previous, duration = self._call_s.get(key), end - progress.start
+            self._call_s[key] = duration if previous is None else (1 - alpha) * previous + alpha * duration
         for pending, image in zip(batch, images):
             if pending.aborted:
                 continue

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from glideserve.bench.records import DROPPED, SUCCEEDED, TIMED_OUT, RequestRecord
+from glideserve.bench.records import DROPPED, LATE, ON_TIME, REFUSED, STATUSES, RequestRecord
 
-OUTCOME_COLORS = {SUCCEEDED: "#2ca02c", TIMED_OUT: "#ff7f0e", DROPPED: "#d62728"}
+OUTCOME_COLORS = {ON_TIME: "#2ca02c", LATE: "#ff7f0e", REFUSED: "#9467bd", DROPPED: "#d62728"}
 
 
 def plot_latency_cdf(records_by_system: dict[str, list[RequestRecord]], path: str | Path) -> None:
@@ -34,7 +34,7 @@ def plot_latency_cdf(records_by_system: dict[str, list[RequestRecord]], path: st
 
 
 def plot_outcomes_over_time(per_second_by_system: dict[str, list[dict]], path: str | Path) -> None:
-    """Per-second succeeded / timed-out / dropped counts, stacked, one panel per system."""
+    """Per-second on-time / late / refused / dropped counts, stacked, one panel per system."""
     systems = list(per_second_by_system)
     fig = Figure(figsize=(8.0, 2.4 * max(1, len(systems))), layout="constrained")
     axes = fig.subplots(max(1, len(systems)), 1, sharex=True, squeeze=False)[:, 0]
@@ -42,7 +42,7 @@ def plot_outcomes_over_time(per_second_by_system: dict[str, list[dict]], path: s
         rows = per_second_by_system[system]
         seconds = np.array([r["second"] for r in rows])
         bottom = np.zeros(len(rows))
-        for status in (SUCCEEDED, TIMED_OUT, DROPPED):
+        for status in STATUSES:
             counts = np.array([r[status] for r in rows], dtype=float)
             ax.bar(seconds, counts, width=1.0, bottom=bottom, align="edge", color=OUTCOME_COLORS[status],
                    label=status.replace("_", "-"))

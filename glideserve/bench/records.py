@@ -7,21 +7,30 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-SUCCEEDED = "succeeded"
-TIMED_OUT = "timed_out"
+ON_TIME = "on_time"
+LATE = "late"
+REFUSED = "refused"
 DROPPED = "dropped"
-STATUSES = (SUCCEEDED, TIMED_OUT, DROPPED)
+STATUSES = (ON_TIME, LATE, REFUSED, DROPPED)
+# Error codes of answers that turn a request away before any work: the client may retry
+# elsewhere at once. Every other error (a 503 ``deadline_exceeded`` after admission, a
+# 5xx, a broken connection) counts as dropped.
+REFUSAL_CODES = frozenset({"slo_unattainable", "queue_full", "shutting_down", "too_many_connections"})
 
 
 @dataclass
 class RequestRecord:
     """The client's view of one request; times are seconds from the start of the run.
 
-    ``status`` is ``succeeded`` (an image within the SLO), ``timed_out`` (an image after
-    the SLO, or no answer before the client timeout) or ``dropped`` (the server refused
-    the request, e.g. 429/503, or it failed). ``completed`` is true when an image came
-    back, late or not. ``queued_s`` (the image's) and ``server_total_s`` (the request's) are copied
-    from the timing block of the server's response when it has one.
+    ``status`` is the outcome: ``on_time`` (an image within the SLO), ``late`` (an image
+    after the SLO, or no answer before the client timeout), ``refused`` (turned away
+    before any work: any 429, or an error whose code is in ``REFUSAL_CODES``) or
+    ``dropped`` (admitted and then failed: 503 ``deadline_exceeded``, a 5xx, a broken
+    connection). ``error_code`` is the ``error.code`` of an error answer.
+    ``completed`` is true when an image came back, late or not. ``queued_s`` (the
+    image's) and ``server_total_s`` (the request's) are copied from the timing block of
+    the server's response when it has one. ``workload_class`` names the request's class
+    in a mixed workload (e.g. ``20 steps 64x64``), empty otherwise.
     """
 
     index: int
@@ -36,6 +45,8 @@ class RequestRecord:
     queued_s: float | None = None
     server_total_s: float | None = None
     error: str = ""
+    error_code: str = ""
+    workload_class: str = ""
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -45,6 +56,13 @@ class RequestRecord:
     def latency_s(self) -> float | None:
         """Client-measured seconds from send to the complete response (completed requests only)."""
         if not self.completed or self.sent_s is None or self.finished_s is None:
+            return None
+        return self.finished_s - self.sent_s
+
+    @property
+    def answer_s(self) -> float | None:
+        """Seconds from send to any answer (an image or an error); None without one."""
+        if self.sent_s is None or self.finished_s is None:
             return None
         return self.finished_s - self.sent_s
 

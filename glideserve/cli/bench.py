@@ -12,7 +12,8 @@ from glideserve.errors import GlideServeError
 
 SystemOpt = Annotated[Optional[list[str]], typer.Option(
     "--system", help="System to benchmark (repeat for a side-by-side table). With --model the benchmark starts "
-                     "`glideserve serve --system NAME`; with --url it is only a label.")]
+                     "`glideserve serve --system NAME`; 'LABEL=NAME ARGS...' runs it under LABEL with extra serve "
+                     "arguments, e.g. 'fcfs=glideserve --policy fcfs'. With --url it is only a label.")]
 UrlOpt = Annotated[Optional[list[str]], typer.Option(
     "--url", help="Base URL of a running server (repeat, in the order of --system). Omit to start servers.")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model each started server loads (name or path).")]
@@ -23,6 +24,11 @@ PromptsOpt = Annotated[Optional[Path], typer.Option(
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="num_inference_steps (default: the server's).")]
 GuidanceOpt = Annotated[Optional[float], typer.Option(help="guidance_scale (default: the server's).")]
 SizeOpt = Annotated[Optional[str], typer.Option(help="Image size WIDTHxHEIGHT (default: the server's).")]
+StepsMixOpt = Annotated[Optional[str], typer.Option(
+    help="Mixed workload: comma-separated step counts, e.g. 10,20,40; each request draws one (seeded). "
+         "Each class gets its own isolated latency and SLO.")]
+SizeMixOpt = Annotated[Optional[str], typer.Option(
+    help="Mixed workload: comma-separated sizes, e.g. 64x64,128x128; each request draws one (seeded).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of request 0; request i uses seed + i. Also seeds arrivals.")]
 SloMsOpt = Annotated[Optional[float], typer.Option(help="Per-request SLO in ms (overrides --slo-scale).")]
 SloScaleOpt = Annotated[float, typer.Option(
@@ -52,6 +58,19 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
+def parse_system(text: str) -> tuple[str, str, tuple[str, ...]]:
+    """``(label, system, extra serve args)`` from ``NAME`` or ``LABEL=NAME ARGS...`` (shell-quoted)."""
+    import shlex
+
+    label, sep, rest = text.partition("=")
+    if not sep:
+        return text, text, ()
+    words = shlex.split(rest)
+    if not label.strip() or not words:
+        raise ValueError(f"--system {text!r}: write LABEL=SYSTEM [ARGS...], e.g. 'fcfs=glideserve --policy fcfs'")
+    return label.strip(), words[0], tuple(words[1:])
+
+
 def _targets(systems, urls, model, server_args, ready_timeout):
     from glideserve.bench.experiment import Target
 
@@ -67,17 +86,49 @@ def _targets(systems, urls, model, server_args, ready_timeout):
         raise ValueError("give --url of a running server, or --model (with --system) to start servers")
     if not systems:
         raise ValueError("give at least one --system to start, e.g. --system glideserve --system diffusers-sequential")
-    return [Target(s, model=model, server_args=tuple(server_args or ()), ready_timeout_s=ready_timeout)
-            for s in systems]
+    targets = []
+    for text in systems:
+        label, name, extra = parse_system(text)
+        targets.append(Target(name, model=model, server_args=tuple(server_args or ()) + extra,
+                              ready_timeout_s=ready_timeout, label=label))
+    return targets
 
 
-def _common(prompts, steps, guidance, size, seed, slo_ms, slo_scale, isolated):
+def _mix(text: str | None, kind, what: str) -> tuple:
+    if not text:
+        return ()
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        values = tuple(kind(item) for item in items)
+    except ValueError:
+        raise ValueError(f"--{what}-mix {text!r}: give a comma-separated list") from None
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"--{what}-mix {text!r}: give distinct values, comma-separated")
+    return values
+
+
+def _steps(item: str) -> int:
+    value = int(item)
+    if value < 1:
+        raise ValueError(item)
+    return value
+
+
+def _size(item: str) -> str:
+    from glideserve.params import parse_size
+
+    parse_size(item)  # the server's grammar; raises InvalidRequestError on a bad size
+    return item
+
+
+def _common(prompts, steps, guidance, size, seed, slo_ms, slo_scale, isolated, steps_mix=None, size_mix=None):
     from glideserve.bench.experiment import SloPolicy
     from glideserve.bench.loadgen import RequestTemplate, read_prompts, toy_captions
 
     prompt_list = read_prompts(prompts) if prompts else toy_captions(1000, seed)
     template = RequestTemplate(size=size, num_inference_steps=steps, guidance_scale=guidance,
-                               base_seed=seed)
+                               base_seed=seed, steps_mix=_mix(steps_mix, _steps, "steps"),
+                               size_mix=_mix(size_mix, _size, "size"))
     return prompt_list, template, SloPolicy(slo_ms=slo_ms, slo_scale=slo_scale, isolated_requests=isolated)
 
 
@@ -100,6 +151,9 @@ def _out_dir(out: Path | None, command: str) -> Path:
 def _flops(given: float | None, count: bool, model: str | None, template) -> float | None:
     if given is not None or not count or model is None:
         return given
+    if template.steps_mix or template.size_mix:
+        typer.echo("FLOPs per image vary across a mixed workload's classes: FLOP/s and MFU are not counted")
+        return None
     from glideserve.bench.flops import count_flops_per_image
 
     flops = count_flops_per_image(model, num_inference_steps=template.num_inference_steps,
@@ -142,6 +196,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
              burst_interval: Annotated[Optional[float], typer.Option(help="Seconds between bursts.")] = None,
              num_bursts: Annotated[Optional[int], typer.Option()] = None, trace: TraceOpt = None,
              prompts: PromptsOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None, size: SizeOpt = None,
+             steps_mix: StepsMixOpt = None, size_mix: SizeMixOpt = None,
              seed: SeedOpt = 0, slo_ms: SloMsOpt = None, slo_scale: SloScaleOpt = 4.0, isolated: IsolatedOpt = 3,
              timeout_s: TimeoutOpt = 300.0, flops_per_image: FlopsOpt = None, count_flops: CountFlopsOpt = True,
              peak: PeakOpt = True, out: OutOpt = None, ready_timeout: ReadyOpt = 600.0) -> None:
@@ -158,7 +213,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                      trace=trace, seed=seed)
             if not len(schedule):
                 raise ValueError("the arrival schedule is empty; raise --duration or --rate")
-            prompt_list, template, slo = _common(prompts, steps, guidance, size, seed, slo_ms, slo_scale, isolated)
+            prompt_list, template, slo = _common(prompts, steps, guidance, size, seed, slo_ms, slo_scale, isolated,
+                                                 steps_mix, size_mix)
             out_dir = _out_dir(out, "load")
             offered = _offered_rate(arrival, schedule, rate, duration, burst_size, burst_interval)
             flops = _flops(flops_per_image, count_flops, model, template)
@@ -180,6 +236,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
               system: SystemOpt = None, url: UrlOpt = None, model: ModelOpt = None, server_arg: ServerArgOpt = None,
               arrival: ArrivalOpt = "poisson", duration: DurationOpt = 60.0, trace: TraceOpt = None,
               prompts: PromptsOpt = None, steps: StepsOpt = None, guidance: GuidanceOpt = None, size: SizeOpt = None,
+              steps_mix: StepsMixOpt = None, size_mix: SizeMixOpt = None,
               seed: SeedOpt = 0, slo_ms: SloMsOpt = None, slo_scale: SloScaleOpt = 4.0, isolated: IsolatedOpt = 3,
               timeout_s: TimeoutOpt = 300.0, flops_per_image: FlopsOpt = None, count_flops: CountFlopsOpt = True,
               peak: PeakOpt = True, out: OutOpt = None, ready_timeout: ReadyOpt = 600.0) -> None:
@@ -201,7 +258,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                 schedule = make_schedule(arrival, rate=r, duration_s=duration, trace=trace, seed=seed)
                 workloads.append(Workload(f"rate-{r:g}", schedule,
                                           _offered_rate(arrival, schedule, r, duration, None, None)))
-            prompt_list, template, slo = _common(prompts, steps, guidance, size, seed, slo_ms, slo_scale, isolated)
+            prompt_list, template, slo = _common(prompts, steps, guidance, size, seed, slo_ms, slo_scale, isolated,
+                                                 steps_mix, size_mix)
             out_dir = _out_dir(out, "sweep")
             flops = _flops(flops_per_image, count_flops, model, template)
             results = _run_all(targets, workloads, prompt_list, template, slo, timeout_s, out_dir, flops, _peak(peak))

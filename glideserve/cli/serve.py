@@ -24,6 +24,14 @@ class System(str, enum.Enum):
     request_batching = "request-batching"
 
 
+class Policy(str, enum.Enum):
+    """glideserve's scheduling policies (see glideserve.scheduler.policy)."""
+
+    slack = "slack"
+    edf = "edf"
+    fcfs = "fcfs"
+
+
 class LogLevel(str, enum.Enum):
     """Log levels shared by uvicorn and the logging module."""
 
@@ -48,6 +56,19 @@ def make_backend(system: System, model: str, **config):
             f"--system {system.value} needs the module {BASELINES_MODULE}, which this installation lacks; "
             "use --system glideserve or install a glideserve build that includes the baselines") from None
     return baselines.make_backend(system.value, model, **config)
+
+
+def parse_drop_late_after(text: str) -> float | None:
+    """``never`` or a non-negative number (a multiple of the request's SLO)."""
+    if text.strip().lower() == "never":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 100:
+        raise ValueError(f"--drop-late-after must be a number in 0..100 or 'never', got {text!r}")
+    return value
 
 
 def model_id_for(model: str) -> str:
@@ -88,6 +109,20 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         device: str = typer.Option("cpu", help="Torch device, e.g. cpu or cuda."),
         dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
         warmup: bool = typer.Option(True, help="Run one 1-step generation before reporting ready."),
+        policy: Policy = typer.Option(Policy.slack, help="glideserve's step scheduling: slack (least slack first), "
+                                                         "edf (earliest deadline first) or fcfs (arrival order, "
+                                                         "deadline-blind)."),
+        default_slo_ms: Optional[float] = typer.Option(None, min=1, help="SLO of requests without slo_ms "
+                                                                         "(default: none, best effort)."),
+        drop_late_after: str = typer.Option(
+            "0.5", help="Drop an admitted request (503 deadline_exceeded) once it is predicted to finish later "
+                        "than its deadline by this many times its SLO; 'never' keeps every admitted request."),
+        max_paused: int = typer.Option(4, min=0, help="Requests that may be paused by preemption at once "
+                                                      "(0: no preemption)."),
+        profile: bool = typer.Option(True, help="Measure the latency profile at start-up (or load it from the "
+                                                "cache); --no-profile starts from online estimates."),
+        profile_cache: Optional[Path] = typer.Option(None, help="JSON file of measured latency profiles "
+                                                                "(default: the user's cache directory)."),
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
@@ -98,13 +133,17 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             config = ServerConfig(model_id=model_id_for(model), api_key=api_key, max_queue=max_queue,
-                                  warmup=warmup, public_url=public_url, docs=docs,
+                                  warmup=warmup, default_slo_ms=default_slo_ms, public_url=public_url, docs=docs,
                                   limits=HttpLimits(drain_timeout_s=drain_timeout, header_timeout_s=header_timeout,
                                                     body_timeout_s=body_timeout,
                                                     keep_alive_timeout_s=keep_alive_timeout,
                                                     write_timeout_s=write_timeout, max_connections=max_connections))
-            backend = make_backend(system, model, max_batch_rows=max_batch_rows, max_waiting=max_queue,
-                                   device=device, dtype=dtype)
+            options = dict(max_batch_rows=max_batch_rows, max_waiting=max_queue, device=device, dtype=dtype)
+            if system is System.glideserve:
+                options.update(policy=policy.value, drop_late_after=parse_drop_late_after(drop_late_after),
+                               max_paused=max_paused, profile=profile,
+                               profile_cache=None if profile_cache is None else str(profile_cache))
+            backend = make_backend(system, model, **options)
         except (GlideServeError, ValueError) as exc:
             typer.secho(f"error: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)

@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineStats:
-    """A snapshot of the engine's load, for health pages and metrics."""
+    """A snapshot of the engine's load, for health pages and metrics.
+
+    The ``*_total`` fields count since start: requests refused at admission because
+    they could not meet their deadline, admitted requests dropped for lateness, and
+    preemptions and resumes at step boundaries (zero for backends that do none).
+    """
 
     num_waiting: int
     num_running: int
@@ -28,6 +33,11 @@ class EngineStats:
     last_step_s: float
     last_batch_rows: int
     last_batch_requests: int
+    num_paused: int = 0
+    refused_total: int = 0
+    dropped_total: int = 0
+    preempted_total: int = 0
+    resumed_total: int = 0
 
 
 class AsyncEngine:
@@ -95,9 +105,12 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         last = self.core.last_step
         sched = self.core.scheduler
+        counters = sched.counters
         return EngineStats(sched.num_waiting, sched.num_running, self.core.steps_total,
                            last.duration_s if last else 0.0, last.num_rows if last else 0,
-                           last.num_requests if last else 0)
+                           last.num_requests if last else 0, num_paused=sched.num_paused,
+                           refused_total=counters.refused, dropped_total=counters.dropped,
+                           preempted_total=counters.preempted, resumed_total=counters.resumed)
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)

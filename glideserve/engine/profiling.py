@@ -77,7 +77,7 @@ class ProfileCache:
         try:
             return LatencyProfile.from_json(entry["profile"])
         except (KeyError, TypeError, ValueError) as exc:
-            log.warning("ignoring a malformed latency profile entry in %s (%s)", self.path, exc)
+            log.warning("ignoring a stale or malformed latency profile entry in %s (%s); measuring anew", self.path, exc)
             return None
 
     def put(self, key: str, profile: LatencyProfile) -> None:

@@ -80,8 +80,8 @@ class DeadlinePlanner:
         finish = with_it.finish.get(request.request_id, math.inf)
         if finish > request.deadline + TOLERANCE_S:
             return AdmissionVerdict(False, finish - request.arrival_time,
-                                    f"predicted latency {finish - request.arrival_time:.2f} s exceeds the "
-                                    f"request's slo_ms={request.params.slo_ms:g}",
+                                    f"its slo_ms={request.params.slo_ms:g} is shorter than the work ahead "
+                                    "of it and its own steps",
                                     finish - request.deadline)
         without = self.predict(now, running, others, prefilled, drops)
         for r in (*running, *others):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2  # 2: points are the fastest of the repeats (1: the median)
 
 
 class PiecewiseLinear:
@@ -25,6 +25,9 @@ class PiecewiseLinear:
     Between points it interpolates linearly; below the first point it keeps the first
     value (a fixed per-call cost dominates small batches); past the last it extends the
     last segment's slope (proportionally when there is one point or a falling slope).
+    Predictions never fall as the count grows: a point above a later one (a measurement
+    that another process slowed down, which only ever adds time) is read as the later
+    one, so one noisy point cannot make a bigger batch look cheaper than a smaller one.
     ``observe`` moves the point at ``x`` towards a measurement (inserting it first).
     """
 
@@ -37,6 +40,11 @@ class PiecewiseLinear:
     def __call__(self, x: float) -> float:
         if not self.points:
             return 0.0
+        later = [y for p, y in self.points.items() if p >= x]
+        raw = self._interpolate(x)
+        return min(raw, min(later)) if later else raw
+
+    def _interpolate(self, x: float) -> float:
         xs = list(self.points)
         if x <= xs[0]:
             return self.points[xs[0]]
@@ -55,7 +63,7 @@ class PiecewiseLinear:
 
     def observe(self, x: int, seconds: float, alpha: float) -> None:
         if x not in self.points:
-            self.points[x] = self(x) if self.points else seconds
+            self.points[x] = self._interpolate(x) if self.points else seconds
             self.points = dict(sorted(self.points.items()))
         self.points[x] += alpha * (seconds - self.points[x])
 

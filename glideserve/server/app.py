@@ -107,7 +107,10 @@ def _v1_router() -> APIRouter:
                            queue_depth=stats.num_waiting, running=stats.num_running,
                            last_batch_requests=stats.last_batch_requests, last_batch_rows=stats.last_batch_rows,
                            last_step_s=stats.last_step_s, steps_total=stats.steps_total,
-                           images_per_min=state.metrics.images_per_minute(), active_requests=len(state.jobs))
+                           images_per_min=state.metrics.images_per_minute(), active_requests=len(state.jobs),
+                           paused=stats.num_paused, refused_total=stats.refused_total,
+                           dropped_total=stats.dropped_total, preempted_total=stats.preempted_total,
+                           resumed_total=stats.resumed_total)
 
     return router
 

@@ -8,6 +8,7 @@ envelope that does not leak internals.
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -138,8 +139,13 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, QueueFullError):
             headers = {"Retry-After": str(request.app.state.server.retry_after_s())}
+        elif getattr(exc, "retry_after_s", None) is not None:
+            # Retry-After takes whole seconds; round up so a client never retries too early.
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         if exc.http_status >= 500:
-            log.error("request %s failed: %s", request.url.path, exc.message)
+            # A 503 (draining, a request dropped for its deadline) is load doing what it promises, not a fault.
+            level = logging.INFO if exc.http_status == 503 else logging.ERROR
+            log.log(level, "request %s failed: %s", request.url.path, exc.message)
         headers = {**(headers or {}), **_protocol_headers(request, exc)}
         return error_json(exc.http_status, exc.message, exc.param, exc.code, headers)
 

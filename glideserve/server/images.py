@@ -17,8 +17,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from starlette.types import Receive, Scope, Send
 
-from glideserve.errors import (EngineStoppedError, InvalidRequestError, ModelLoadError, QueueFullError,
-                               RequestAbortedError)
+from glideserve.errors import (DeadlineExceededError, EngineStoppedError, InvalidRequestError, ModelLoadError,
+                               QueueFullError, RequestAbortedError)
 from glideserve.outputs import GenerationResult, Queued, RequestFailed, StepProgress
 from glideserve.params import GenerationParams
 from glideserve.server.backend import RequestStream
@@ -118,6 +118,11 @@ class GenerationJob:
                 task.cancel()
             self.state.jobs.pop(self.id, None)
 
+    @property
+    def slo_ms(self) -> float | None:
+        """The SLO the images were admitted with: the request's own, else the server default."""
+        return self.streams[0].params.slo_ms
+
     def size(self) -> str:
         params = self.streams[0].params
         return f"{params.width}x{params.height}"
@@ -166,16 +171,20 @@ def _failure(event: RequestFailed) -> Exception:
                                  "on another instance")
     if event.reason == "aborted":
         return RequestAbortedError(f"the request was cancelled: {event.message}".rstrip(": "))
+    if event.reason == DeadlineExceededError.code:
+        return DeadlineExceededError(event.message)
     return GenerationFailedError(f"image generation failed on the server: {event.message}")
 
 
-def _params(body: ImageGenerationRequest) -> list[GenerationParams]:
+def _params(body: ImageGenerationRequest, default_slo_ms: float | None) -> list[GenerationParams]:
     height, width = body.height_width()
     base_seed = secrets.randbelow(2**31) if body.seed is None else body.seed
+    slo_ms = body.slo_ms if body.slo_ms is not None else default_slo_ms
     return [GenerationParams(prompt=body.prompt, negative_prompt=body.negative_prompt,
                              num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
                              seed=seed, height=height, width=width, sampler=body.sampler,
-                             partial_images=body.partial_images if body.stream else 0)
+                             partial_images=body.partial_images if body.stream else 0,
+                             slo_ms=slo_ms, priority=body.priority or 0)
             for seed in body.seeds(base_seed)]
 
 
@@ -192,7 +201,7 @@ async def create_images(body: ImageGenerationRequest, request: Request,
     if body.model is not None and body.model not in state.served_model_ids():
         raise ModelLoadError(f"model {body.model!r} is not served here; use {state.model_id!r} (see GET /v1/models)",
                              "model")
-    params = _params(body)
+    params = _params(body, state.config.default_slo_ms)
     waiting = state.backend.stats().num_waiting
     if waiting + body.n > state.config.max_queue:
         raise QueueFullError(f"the queue is full ({waiting} images waiting, limit {state.config.max_queue}); "
@@ -261,8 +270,8 @@ async def _collect(job: GenerationJob, request: Request) -> ImagesResponse:
             data.append(ImageData(url=url, seed=result.params.seed))
         else:
             data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=result.params.seed))
-    met = job.state.metrics.observe_completed(total_s, job.body.slo_ms)
-    timings = ResponseTimings(total_s=round(total_s, 6), slo_ms=job.body.slo_ms, slo_met=met,
+    met = job.state.metrics.observe_completed(total_s, job.slo_ms)
+    timings = ResponseTimings(total_s=round(total_s, 6), slo_ms=job.slo_ms, slo_met=met,
                               images=[_timings(results[i]) for i in range(len(job.streams))])
     return ImagesResponse(created=int(time.time()), data=data, size=job.size(), timings=timings)
 
@@ -307,7 +316,7 @@ async def _event_stream(job: GenerationJob) -> AsyncIterator[str]:
                 yield _sse(StreamErrorEvent(error=ErrorBody(**body)))
                 return
         outcome = None
-        metrics.observe_completed(job.elapsed_s(), job.body.slo_ms)
+        metrics.observe_completed(job.elapsed_s(), job.slo_ms)
     finally:
         if outcome is not None:
             metrics.count_request(outcome)

@@ -12,6 +12,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from glideserve.outputs import RequestTimings
 
@@ -58,6 +59,7 @@ class ServerMetrics:
                            ["result"], registry=r)
         for result in ("met", "missed"):
             self.slo.labels(result=result)
+        r.register(SchedulerCollector(stats))
 
     def on_step(self, step) -> None:
         """Backend step listener: ``step`` has ``duration_s``, ``num_requests``, ``num_rows``."""
@@ -96,3 +98,32 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SchedulerCollector:
+    """The scheduler's own totals, read from the backend's ``stats()`` at scrape time.
+
+    ``glideserve_scheduler_decisions_total{decision}`` counts refusals at admission
+    (``refused``: could not meet the deadline), drops of admitted requests that fell
+    too far behind (``dropped``), and preemptions and resumes at step boundaries;
+    ``glideserve_paused_requests`` is how many requests are paused right now. The
+    HTTP answers those decisions produced are in ``glideserve_requests_total`` by code.
+    """
+
+    DECISIONS = ("refused", "dropped", "preempted", "resumed")
+
+    def __init__(self, stats: Callable[[], object]):
+        self._stats = stats
+
+    def describe(self):
+        return []  # values come from the backend at scrape time; nothing to check at registration
+
+    def collect(self):
+        stats = self._stats()
+        decisions = CounterMetricFamily("glideserve_scheduler_decisions", "Scheduler decisions since start",
+                                        labels=["decision"])
+        for decision in self.DECISIONS:
+            decisions.add_metric([decision], getattr(stats, f"{decision}_total", 0))
+        yield decisions
+        yield GaugeMetricFamily("glideserve_paused_requests", "Requests paused by preemption, holding their latents",
+                                value=getattr(stats, "num_paused", 0))

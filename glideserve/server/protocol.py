@@ -14,12 +14,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from glideserve.errors import InvalidRequestError
-from glideserve.params import (MAX_GUIDANCE, MAX_PARTIAL_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS,
-                               parse_size)
+from glideserve.params import (MAX_GUIDANCE, MAX_PARTIAL_IMAGES, MAX_PRIORITY, MAX_PROMPT_CHARS, MAX_SEED,
+                               MAX_SLO_MS, MAX_STEPS, parse_size)
 from glideserve.server.validation import check_text
 
 MAX_IMAGES_PER_REQUEST = 8
-MAX_PRIORITY = 1000
 MAX_USER_CHARS = 256
 
 
@@ -61,11 +60,16 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = Field(default=None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     sampler: str | None = Field(default=None, max_length=64)
-    slo_ms: float | None = Field(default=None, gt=0, le=86_400_000, allow_inf_nan=False,
-                                 description="latency target in milliseconds; met/missed is counted in /metrics")
+    slo_ms: float | None = Field(default=None, gt=0, le=MAX_SLO_MS, allow_inf_nan=False,
+                                 description="latency target from arrival to image, in milliseconds (default: the "
+                                             "server's --default-slo-ms). The deadline-aware schedulers order by "
+                                             "it, refuse at once (429 slo_unattainable) a request predicted to "
+                                             "miss it, and may drop (503 deadline_exceeded) one that falls far "
+                                             "behind. Omitted without a server default: best effort")
     priority: int | None = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
-                                 description="accepted for compatibility with priority schedulers; the engine "
-                                             "serves requests first come, first served")
+                                 description="higher is served first among equals: it orders best-effort "
+                                             "requests (no slo_ms) and breaks ties between requests with equal "
+                                             "deadlines or slack; it never overrides a deadline")
 
     @field_validator("prompt")
     @classmethod
@@ -237,6 +241,11 @@ class ServerStats(BaseModel):
     steps_total: int
     images_per_min: float
     active_requests: int
+    paused: int = 0
+    refused_total: int = 0
+    dropped_total: int = 0
+    preempted_total: int = 0
+    resumed_total: int = 0
 
 
 class HealthResponse(BaseModel):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from glideserve.outputs import GenerationResult, RequestFailed
-from glideserve.params import GenerationParams
+from glideserve.params import MAX_SLO_MS, GenerationParams
 from glideserve.server.accounting import HttpMetrics
 from glideserve.server.backend import Backend
 from glideserve.server.limits import HttpLimits, check_public_url
@@ -43,7 +43,8 @@ class ServerConfig:
     would push the queue past it gets 429. ``api_key`` (None = open) is required as
     ``Authorization: Bearer <key>`` on ``/v1`` routes. Images returned by URL are kept
     ``image_ttl_s`` seconds, at most ``max_stored_images`` of them. ``warmup`` runs
-    one tiny generation at start-up before ``/ready`` turns ready.
+    one tiny generation at start-up before ``/ready`` turns ready. ``default_slo_ms``
+    is the SLO of requests that carry no ``slo_ms`` (None: they are best effort).
     """
 
     model_id: str | None = None
@@ -56,6 +57,7 @@ class ServerConfig:
     image_ttl_s: float = 600.0
     max_stored_images: int = 256
     warmup: bool = True
+    default_slo_ms: float | None = None
 
     def __post_init__(self):
         if self.public_url is not None:
@@ -65,6 +67,8 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{name} must be >= 1")
         if self.image_ttl_s <= 0:
             raise ValueError("ServerConfig.image_ttl_s must be > 0")
+        if self.default_slo_ms is not None and not 0 < self.default_slo_ms <= MAX_SLO_MS:
+            raise ValueError(f"the default SLO must be in (0, {MAX_SLO_MS:.0f}] ms, got {self.default_slo_ms!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key must not be empty; omit it to run without authentication")
 

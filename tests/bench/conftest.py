@@ -2,7 +2,8 @@
 
 It speaks ``POST /v1/images/generations`` and records, server-side, the monotonic time
 each request arrived. The prompt steers its behaviour: ``slow:<seconds> ...`` answers
-after that many seconds, ``status:<code> ...`` answers with that HTTP status.
+after that many seconds, ``status:<code>[:<error code>] ...`` answers with that HTTP status (and error code,
+default ``queue_full``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def _make_app(received: list, base_delay_s: float):
         words = body["prompt"].split()
         head = words[0] if words else ""
         if head.startswith("status:"):
-            code = int(head.split(":")[1])
-            return JSONResponse({"error": {"message": "refused", "code": "queue_full"}}, status_code=code)
+            parts = head.split(":")
+            error_code = parts[2] if len(parts) > 2 else "queue_full"
+            return JSONResponse({"error": {"message": "refused", "code": error_code}}, status_code=int(parts[1]))
         delay = float(head.split(":")[1]) if head.startswith("slow:") else base_delay_s
         if delay:
             await asyncio.sleep(delay)

@@ -167,3 +167,41 @@ def test_unknown_options_and_systems_are_explained(tiny_sd3_dir):
         BaselineConfig.from_kwargs(max_latent_tokens=4)
     with pytest.raises(ValueError, match="unknown baseline"):
         make_backend("ray-serve", tiny_sd3_dir)
+
+
+async def _events_of(backend, params_list):
+    """Admit all, in order, while the worker is busy with the first; return each request's events."""
+    streams = [await backend.add_request(p) for p in params_list]
+
+    async def drain(stream):
+        return [event async for event in stream]
+
+    return await asyncio.gather(*(drain(s) for s in streams))
+
+
+@pytest.mark.parametrize("shed_late", [True, False])
+def test_baseline_sheds_requests_that_cannot_meet_their_slo(shed_late, tiny_sd3_dir):
+    backend = make_backend("diffusers-sequential", tiny_sd3_dir, shed_late=shed_late)
+
+    async def scenario():
+        await backend.start()
+        # Before any call was measured nothing is shed, however tight the SLO.
+        first = await _events_of(backend, [GenerationParams("a", num_inference_steps=STEPS, seed=1, slo_ms=1)])
+        # Then: one request occupies the worker, a tight-SLO one waits behind it, a loose one too.
+        later = await _events_of(backend, [
+            GenerationParams("b", num_inference_steps=STEPS, seed=2),
+            GenerationParams("c", num_inference_steps=STEPS, seed=3, slo_ms=1),
+            GenerationParams("d", num_inference_steps=STEPS, seed=4, slo_ms=600_000)])
+        await backend.shutdown()
+        return first + later
+
+    events = asyncio.run(scenario())
+    finals = [evs[-1] for evs in events]
+    assert isinstance(finals[0], GenerationResult)
+    assert isinstance(finals[1], GenerationResult) and isinstance(finals[3], GenerationResult)
+    if shed_late:
+        assert isinstance(finals[2], RequestFailed) and finals[2].reason == "deadline_exceeded"
+        assert "exceeds the SLO" in finals[2].message
+        assert backend.stats().dropped_total == 1
+    else:
+        assert isinstance(finals[2], GenerationResult) and backend.stats().dropped_total == 0

@@ -9,7 +9,7 @@ import pytest
 
 from glideserve.bench.arrivals import constant_arrivals, poisson_arrivals
 from glideserve.bench.loadgen import RequestTemplate, measure_isolated_latency, run_open_loop, toy_captions
-from glideserve.bench.records import DROPPED, SUCCEEDED, TIMED_OUT
+from glideserve.bench.records import DROPPED, LATE, ON_TIME, REFUSED
 
 # A response this slow would push every later arrival of a closed-loop client back by a
 # second; the schedule tolerance below is a small fraction of it.
@@ -34,7 +34,7 @@ def test_arrivals_follow_schedule_despite_slow_responses(image_server):
     errors = _arrival_errors(image_server, schedule)
     assert max(abs(e) for e in errors) < TOLERANCE_S, errors
     assert statistics.median(abs(e) for e in errors) < TOLERANCE_S / 5, errors
-    assert all(r.status == SUCCEEDED and r.completed for r in records)
+    assert all(r.status == ON_TIME and r.completed for r in records)
     slow = [r.latency_s for r in records if r.index % 2 == 0]
     fast = [r.latency_s for r in records if r.index % 2 == 1]
     assert min(slow) > max(fast)  # the slow ones really were slow while later ones went out
@@ -51,14 +51,18 @@ def test_poisson_schedule_is_followed(image_server):
 
 
 def test_outcomes_follow_slo_status_and_timeout(image_server):
-    schedule = constant_arrivals(50.0, count=5)
-    prompts = ["a red circle on a blue background", "slow:0.5 late", "status:429 refused", "status:503 stopping",
-               "slow:5 never answered in time"]
+    schedule = constant_arrivals(50.0, count=8)
+    prompts = ["a red circle on a blue background", "slow:0.5 late", "status:429:slo_unattainable refused",
+               "status:503:shutting_down stopping", "slow:5 never answered in time",
+               "status:503:deadline_exceeded dropped", "status:500:generation_failed broken", "status:429 full"]
     records = asyncio.run(run_open_loop(image_server.url, schedule, prompts, RequestTemplate(),
                                         slo_s=0.3, timeout_s=1.0))
-    assert [r.status for r in records] == [SUCCEEDED, TIMED_OUT, DROPPED, DROPPED, TIMED_OUT]
-    assert [r.completed for r in records] == [True, True, False, False, False]
+    assert [r.status for r in records] == [ON_TIME, LATE, REFUSED, REFUSED, LATE, DROPPED, DROPPED, REFUSED]
+    assert [r.completed for r in records] == [True, True] + [False] * 6
     assert [r.http_status for r in records[:4]] == [200, 200, 429, 503]
+    assert [r.error_code for r in records] == ["", "", "slo_unattainable", "shutting_down", "", "deadline_exceeded",
+                                               "generation_failed", "queue_full"]
+    assert records[2].answer_s < 0.3  # a refusal is answered, and timed, like any other answer
     assert records[1].queued_s == pytest.approx(0.25)  # copied from the response's timing block
     assert records[4].latency_s is None and "timeout" in records[4].error
     assert all(r.slo_s == 0.3 for r in records)

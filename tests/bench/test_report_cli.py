@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -15,7 +16,7 @@ from glideserve.bench.report import latency_markdown, load_markdown, sweep_markd
 from glideserve.cli import app
 
 
-def _record(i, latency, status="succeeded", completed=True):
+def _record(i, latency, status="on_time", completed=True):
     return RequestRecord(index=i, prompt_id=i, scheduled_s=float(i), status=status, sent_s=float(i),
                          finished_s=i + latency, completed=completed, http_status=200 if completed else 429,
                          slo_s=1.5)
@@ -23,7 +24,7 @@ def _record(i, latency, status="succeeded", completed=True):
 
 def _summaries():
     fast = [_record(i, 0.5) for i in range(4)]
-    slow = [_record(0, 1.0), _record(1, 2.0, "timed_out"), _record(2, 0.0, "dropped", completed=False)]
+    slow = [_record(0, 1.0), _record(1, 2.0, "late"), _record(2, 0.0, "dropped", completed=False)]
     return {"glideserve": (fast, summarize(fast, offered_rate=1.0)),
             "diffusers-sequential": (slow, summarize(slow, offered_rate=1.0))}
 
@@ -33,7 +34,7 @@ def test_load_markdown_has_a_row_per_system_with_its_figures():
     lines = text.splitlines()
     assert lines[0] == "## poisson"
     row = next(line for line in lines if line.startswith("| diffusers-sequential"))
-    assert "| 3 | 1 / 1 / 1 | 33.3% |" in row
+    assert "| 3 | 1 / 1 / 0 / 1 | 33.3% |" in row
     assert "- diffusers-sequential: CPU seconds per image omitted" in text
 
 
@@ -85,7 +86,7 @@ def test_systems_compared_side_by_side_share_the_first_systems_slo(start_image_s
     fast, slow = summaries["fast"], summaries["slow"]
     assert slow["isolated_latency_s"] > fast["isolated_latency_s"]
     assert fast["slo_s"]["max"] == slow["slo_s"]["max"] == 2 * fast["isolated_latency_s"]
-    assert slow["timed_out"] == 4  # 0.5 s answers miss an SLO of twice the fast server's ~0.1 s
+    assert slow["late"] == 4  # 0.5 s answers miss an SLO of twice the fast server's ~0.1 s
 
 
 def test_bench_sweep_and_latency_against_a_running_server(image_server, tmp_path):
@@ -135,3 +136,34 @@ def test_bench_load_explains_bad_options(tmp_path):
     result = CliRunner().invoke(app, ["bench", "load", "--url", "http://127.0.0.1:9", "--arrival", "trace",
                                       "--trace", str(tmp_path / "none.csv"), "--no-peak", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "not found" in result.output
+
+
+def test_bench_load_mixed_workload_has_a_slo_and_a_row_per_class(image_server, tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "load", "--url", image_server.url, "--arrival", "constant", "--rate", "40", "--num-requests", "24",
+        "--steps-mix", "2,4", "--size-mix", "64x64,32x32", "--isolated", "1", "--slo-scale", "3", "--no-peak",
+        "--out", str(tmp_path / "mix")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "mix" / "summary.json").read_text())["server"]
+    classes = {"2 steps 64x64", "2 steps 32x32", "4 steps 64x64", "4 steps 32x32"}
+    assert set(summary["isolated_latency_by_class"]) == classes
+    assert sum(c["requests"] for c in summary["by_class"].values()) == 24
+    records = read_records_csv(tmp_path / "mix" / "server" / "requests.csv")
+    for record in records:
+        isolated = summary["isolated_latency_by_class"][record.workload_class]
+        assert record.slo_s == pytest.approx(3 * isolated)
+    bodies = {b["seed"]: b for _, b in image_server.received if "slo_ms" in b}  # not the isolated ones
+    for record in records:  # the body sent matches the class recorded, drawn per index
+        body = bodies[record.index]
+        assert record.workload_class == f"{body['num_inference_steps']} steps {body['size']}"
+    assert "By request class" in (tmp_path / "mix" / "report.md").read_text()
+
+
+def test_system_labels_carry_extra_serve_arguments():
+    from glideserve.cli.bench import parse_system
+
+    assert parse_system("glideserve") == ("glideserve", "glideserve", ())
+    assert parse_system("fcfs=glideserve --policy fcfs") == ("fcfs", "glideserve", ("--policy", "fcfs"))
+    assert parse_system("q=glideserve --server-arg 'a b'") == ("q", "glideserve", ("--server-arg", "a b"))
+    with pytest.raises(ValueError, match="LABEL=SYSTEM"):
+        parse_system("=glideserve")

@@ -20,7 +20,7 @@ def test_bench_load_starts_and_stops_servers(tiny_sd3_dir, tmp_path):
     summaries = json.loads((out / "summary.json").read_text())
     for system in ("glideserve", "request-batching"):
         summary = summaries[system]
-        assert summary["succeeded"] == 6, summary
+        assert summary["on_time"] == 6, summary
         assert summary["queue_s"] is not None  # the server's per-image timings came through
         assert summary["cpu_s_per_image"] > 0  # the benchmark owned the server process
         assert summary["flops_per_image"] > 0 and summary["achieved_flops"] > 0

@@ -9,15 +9,15 @@ from glideserve.bench.records import RequestRecord, read_records_csv, write_reco
 
 
 def _ok(i, scheduled, latency, slo=2.0, queued=None):
-    status = "succeeded" if latency <= slo else "timed_out"
+    status = "on_time" if latency <= slo else "late"
     return RequestRecord(index=i, prompt_id=i, scheduled_s=scheduled, status=status, sent_s=scheduled,
                          finished_s=scheduled + latency, completed=True, http_status=200, slo_s=slo,
                          queued_s=queued)
 
 
-def _dropped(i, scheduled):
-    return RequestRecord(index=i, prompt_id=i, scheduled_s=scheduled, status="dropped", sent_s=scheduled,
-                         finished_s=scheduled + 0.01, http_status=429, slo_s=2.0)
+def _dropped(i, scheduled, status="dropped", answer_s=0.01):
+    return RequestRecord(index=i, prompt_id=i, scheduled_s=scheduled, status=status, sent_s=scheduled,
+                         finished_s=scheduled + answer_s, http_status=429 if status == "refused" else 503, slo_s=2.0)
 
 
 def _records():
@@ -35,7 +35,8 @@ def test_distribution_uses_linear_interpolation():
 
 def test_summary_counts_goodput_throughput_and_slo_attainment():
     s = summarize(_records(), offered_rate=2.0, cpu_seconds=11.0)
-    assert (s["requests"], s["succeeded"], s["timed_out"], s["dropped"], s["completed"]) == (5, 2, 2, 1, 4)
+    assert (s["requests"], s["on_time"], s["late"], s["refused"], s["dropped"], s["completed"]) == (5, 2, 2, 0, 1, 4)
+    assert s["late_share_of_served"] == pytest.approx(2 / 4)
     assert s["wall_s"] == pytest.approx(5.5)
     assert s["slo_attainment"] == pytest.approx(2 / 5)
     assert s["goodput_img_per_min"] == pytest.approx(60 * 2 / 5.5)
@@ -49,15 +50,16 @@ def test_summary_counts_goodput_throughput_and_slo_attainment():
 
 def test_per_second_outcomes_bucket_by_arrival_second_and_keep_empty_seconds():
     records = _records() + [_dropped(5, 4.2)]
+    records.append(_dropped(6, 3.1, status="refused"))
     rows = per_second_outcomes(records)
     assert rows == [
-        {"second": 0, "succeeded": 2, "timed_out": 0, "dropped": 0},
-        {"second": 1, "succeeded": 0, "timed_out": 2, "dropped": 0},
-        {"second": 2, "succeeded": 0, "timed_out": 0, "dropped": 1},
-        {"second": 3, "succeeded": 0, "timed_out": 0, "dropped": 0},
-        {"second": 4, "succeeded": 0, "timed_out": 0, "dropped": 1},
+        {"second": 0, "on_time": 2, "late": 0, "refused": 0, "dropped": 0},
+        {"second": 1, "on_time": 0, "late": 2, "refused": 0, "dropped": 0},
+        {"second": 2, "on_time": 0, "late": 0, "refused": 0, "dropped": 1},
+        {"second": 3, "on_time": 0, "late": 0, "refused": 1, "dropped": 0},
+        {"second": 4, "on_time": 0, "late": 0, "refused": 0, "dropped": 1},
     ]
-    assert sum(r["succeeded"] + r["timed_out"] + r["dropped"] for r in rows) == len(records)
+    assert sum(r["on_time"] + r["late"] + r["refused"] + r["dropped"] for r in rows) == len(records)
 
 
 def test_flops_and_mfu_from_given_flops_per_image():
@@ -103,3 +105,21 @@ def test_record_rejects_unknown_status():
 def test_matmul_peak_is_a_positive_rate():
     peak = measure_matmul_peak_flops(size=128, min_time_s=0.05, repeats=2)
     assert peak > 0
+
+
+def test_refusal_wait_and_outcomes_per_class():
+    def classed(record, label):
+        record.workload_class = label
+        return record
+
+    records = [classed(_ok(0, 0.0, 1.0), "10 steps 64x64"), classed(_ok(1, 0.1, 3.0), "10 steps 64x64"),
+               classed(_dropped(2, 0.2, status="refused", answer_s=0.004), "40 steps 64x64"),
+               classed(_dropped(3, 0.3, status="refused", answer_s=0.002), "40 steps 64x64"),
+               classed(_ok(4, 0.4, 1.5, slo=6.0), "40 steps 64x64")]
+    s = summarize(records)
+    assert s["refusal_wait_s"]["max"] == pytest.approx(0.004) and s["refusal_wait_s"]["p50"] == pytest.approx(0.003)
+    fast, slow = s["by_class"]["10 steps 64x64"], s["by_class"]["40 steps 64x64"]
+    assert (fast["on_time"], fast["late"], fast["refused"]) == (1, 1, 0)
+    assert (slow["on_time"], slow["refused"], slow["requests"]) == (1, 2, 3)
+    assert slow["slo_attainment"] == pytest.approx(1 / 3) and slow["late_share_of_served"] == 0
+    assert "by_class" not in summarize(records[:2])  # one class: no breakdown

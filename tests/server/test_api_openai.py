@@ -157,25 +157,38 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 def test_metrics_count_images_and_slo(server, openai_client):
     before = scrape(server.url)
     openai_client.images.generate(prompt="a dog", n=2, extra_body={**FAST, "slo_ms": 3_600_000})
-    openai_client.images.generate(prompt="a dog", extra_body={**FAST, "slo_ms": 0.001})
+    with pytest.raises(openai.RateLimitError, match="cannot finish within its SLO"):
+        openai_client.images.generate(prompt="a dog", extra_body={**FAST, "slo_ms": 0.001})
     after = scrape(server.url)
 
     def delta(name: str, **labels) -> float:
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta("glideserve_images_generated_total") == 3
+    assert delta("glideserve_images_generated_total") == 2
     assert delta("glideserve_slo_total", result="met") == 1
-    assert delta("glideserve_slo_total", result="missed") == 1
-    assert delta("glideserve_requests_total", status="completed") == 2
-    assert delta("glideserve_request_latency_seconds_count") == 2
-    assert delta("glideserve_queue_latency_seconds_count") == 3
+    assert delta("glideserve_requests_total", status="completed") == 1
+    assert delta("glideserve_requests_total", status="slo_unattainable") == 1
+    assert delta("glideserve_scheduler_decisions_total", decision="refused") == 1
+    assert delta("glideserve_request_latency_seconds_count") == 1
+    assert delta("glideserve_queue_latency_seconds_count") == 2
     assert delta("glideserve_step_latency_seconds_count") >= FAST["num_inference_steps"]
     for gauge in ("glideserve_queue_depth", "glideserve_running_requests", "glideserve_batch_size_requests",
                   "glideserve_batch_size_rows"):
         assert (gauge, ()) in after
     stats = httpx.get(f"{server.api}/stats").json()
     assert stats["images_per_min"] >= 3 and stats["queue_depth"] == 0 and stats["model"] == "tiny"
+
+
+def test_a_deadline_blind_policy_serves_and_counts_a_missed_slo(tiny_model):
+    with LiveServer(tiny_model, ServerConfig(model_id="tiny", warmup=False), policy="fcfs") as live:
+        before = scrape(live.url)
+        response = httpx.post(f"{live.api}/images/generations", timeout=60,
+                              json={"prompt": "a dog", **FAST, "slo_ms": 0.001, "response_format": "b64_json"})
+        after = scrape(live.url)
+    assert response.status_code == 200 and response.json()["timings"]["slo_met"] is False
+    key = ("glideserve_slo_total", (("result", "missed"),))
+    assert after[key] - before.get(key, 0.0) == 1
 
 
 def test_api_key_is_enforced(tiny_model):
