@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from soak_checks import ProcessProbe, Tally, compare_images, reconcile, start_server, stop_server
+from soak_checks import ProcessProbe, ServerProcess, Tally, compare_images, reconcile
 from soak_clients import Clients
 
 # Server settings: a small queue so bursts overflow it, short timeouts so slow clients
@@ -53,8 +53,9 @@ FD_SLACK = 8
 THREAD_SLACK = 4
 
 
-def run_mix(clients: Clients, seconds: float, seed: int) -> Counter:
-    """Random actions from WORKERS threads for ``seconds``; returns how many of each ran."""
+def run_mix(clients: Clients, server: ServerProcess, seconds: float, seed: int) -> Counter:
+    """Random actions from WORKERS threads for ``seconds`` (or until the server dies);
+    returns how many of each ran."""
     deadline = time.monotonic() + seconds
     counts: Counter = Counter()
     lock = threading.Lock()
@@ -62,9 +63,12 @@ def run_mix(clients: Clients, seconds: float, seed: int) -> Counter:
 
     def worker(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and server.alive:
             action = rng.choices(names, weights)[0]
-            getattr(clients, action)(rng)
+            try:
+                getattr(clients, action)(rng)
+            except (httpx.HTTPError, OSError) as exc:  # every action records its own; this is a bug guard
+                clients.tally.unanswered(action, exc)
             with lock:
                 counts[action] += 1
 
@@ -87,42 +91,49 @@ def wait_idle(url: str, timeout_s: float = 30.0) -> bool:
 
 
 def soak(minutes: float, seed: int, model: str) -> dict:
-    proc, url = start_server(model, SERVER_ARGS)
-    report: dict = {"minutes": minutes, "model": model, "server_args": SERVER_ARGS, "seed": seed}
+    server = ServerProcess(model, SERVER_ARGS)
+    report: dict = {"minutes": minutes, "model": model, "server_args": SERVER_ARGS, "seed": seed, "failures": []}
     try:
         tally = Tally()
-        clients = Clients(url, tally, keepalive_s=CLIENT_KEEPALIVE_S)
-        probe = ProcessProbe(proc.pid)
+        clients = Clients(server.url, tally, keepalive_s=CLIENT_KEEPALIVE_S)
+        probe = ProcessProbe(server.proc.pid)
         reference = clients.reference_image()
         total_s = minutes * 60.0
         warmup_s = min(30.0, max(3.0, 0.1 * total_s))
         before = clients.scrape()
-        warm_counts = run_mix(clients, warmup_s, seed)
-        if not wait_idle(url):
-            report.setdefault("failures", []).append("the server did not go idle after the warm-up")
+        warm_counts = run_mix(clients, server, warmup_s, seed)
+        if not wait_idle(server.url):
+            report["failures"].append("the server did not go idle after the warm-up")
         clients.reset_pools()
         report["start"] = probe.sample()
-        counts = run_mix(clients, total_s - warmup_s, seed + 1)
-        idle = wait_idle(url)
+        counts = run_mix(clients, server, total_s - warmup_s, seed + 1)
+        report["actions"] = dict(counts + warm_counts)
+        report.update(tally.summary())
+        if not server.alive:
+            raise RuntimeError(f"the server exited with {server.proc.returncode} during the run")
+        idle = wait_idle(server.url)
         probe_rng = random.Random(seed)
         for _ in range(CANCEL_PROBES):
             clients.cancel_probe(probe_rng)
-        idle = wait_idle(url) and idle
+        idle = wait_idle(server.url) and idle
         clients.reset_pools()
         time.sleep(3.0)  # keep-alive connections and timers of the last requests expire
         report["end"] = probe.sample()
         after = clients.scrape()
         final = clients.reference_image()
-        report["actions"] = dict(counts + warm_counts)
         report.update(tally.summary())
         report["metrics"] = reconcile(tally, before, after)
         report["image"] = compare_images(reference, final)
         report["server_idle_at_end"] = idle
-        report["failures"] = report.get("failures", []) + check(report, tally)
+        report["failures"] += check(report, tally)
+    except Exception as exc:  # reported with the server's last words rather than a bare traceback
+        report["failures"].append(f"the soak stopped early: {exc!r}")
+        report["server_log_tail"] = list(server.log_tail)
     finally:
-        report["exit_code"] = stop_server(proc)
+        report["exit_code"] = server.stop()
     if report["exit_code"] != 0:
         report["failures"].append(f"the server exited with {report['exit_code']} after SIGTERM")
+        report["server_log_tail"] = list(server.log_tail)
     report["ok"] = not report["failures"]
     return report
 

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 
 READY_LINE = re.compile(r"^glideserve: serving .* at (http://\S+)")
 STARTUP_TIMEOUT_S = 180.0
+LOG_TAIL_LINES = 200
 REFERENCE_PROMPT = ("red", "circle", "blue")  # colour, shape, background of the image checked at both ends
 
 # (route, status, code) of one HTTP answer, and the generation outcome it counts as (or None).
@@ -161,24 +162,40 @@ def compare_images(first: np.ndarray, last: np.ndarray) -> dict:
             "judge_ok": all(verdict.matches(color, shape, background).values())}
 
 
-def start_server(model: str, args: list[str]) -> tuple[subprocess.Popen, str]:
-    """``glideserve serve`` on a free port; returns the process and its URL once ready."""
-    proc = subprocess.Popen([sys.executable, "-m", "glideserve", "serve", "--model", model, "--port", "0",
-                             "--log-level", "warning", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    log = []
-    for line in proc.stdout:
-        log.append(line)
-        match = READY_LINE.match(line)
-        if match:
-            # Keep reading so a chatty server never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, match.group(1)
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise RuntimeError("the server did not report ready:\n" + "".join(log))
+class ServerProcess:
+    """``glideserve serve`` on a free port. ``url`` is known once it reports ready;
+    ``log_tail`` keeps its last lines of output for the report."""
+
+    def __init__(self, model: str, args: list[str]):
+        self.proc = subprocess.Popen([sys.executable, "-m", "glideserve", "serve", "--model", model,
+                                      "--port", "0", "--log-level", "warning", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        for line in self.proc.stdout:
+            self.log_tail.append(line.rstrip("\n"))
+            match = READY_LINE.match(line)
+            if match:
+                self.url = match.group(1)
+                # Keep reading so a chatty server never blocks on a full pipe.
+                threading.Thread(target=self._read_output, daemon=True).start()
+                return
+            if time.monotonic() > deadline:
+                break
+        self.proc.kill()
+        raise RuntimeError("the server did not report ready:\n" + "\n".join(self.log_tail))
+
+    def _read_output(self) -> None:
+        for line in self.proc.stdout:
+            self.log_tail.append(line.rstrip("\n"))
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status (killed after 60 s)."""
+        return stop_server(self.proc)
 
 
 def stop_server(proc: subprocess.Popen) -> int:
