@@ -17,7 +17,9 @@ def test_piecewise_linear_interpolates_and_extends():
     curve = PiecewiseLinear({2: 0.02, 4: 0.03, 8: 0.07})
     assert curve(1) == 0.02  # below the first point: its value (a fixed per-call cost)
     assert curve(3) == pytest.approx(0.025)
-    assert curve(16) == pytest.approx(0.07 + 0.01 * 8)  # the last segment's slope
+    linear = PiecewiseLinear({2: 0.02, 4: 0.03, 8: 0.05})
+    assert linear(16) == pytest.approx(0.05 + 0.005 * 8)  # past the last point: the last segment's slope
+    assert curve(16) == pytest.approx(0.03 * 4)  # never steeper than linear scaling from a measured point
     assert PiecewiseLinear({4: 0.04})(8) == pytest.approx(0.08)  # one point: proportional
     assert PiecewiseLinear()(5) == 0.0
     curve.observe(4, 0.13, alpha=0.5)
@@ -103,11 +105,15 @@ def test_engine_config_validates_profile_and_policy_options():
         EngineConfig.from_kwargs(max_paused=-2)
 
 
-def test_a_slowed_down_point_never_makes_a_bigger_batch_look_cheaper():
-    # 8 rows measured while another process ran: read as no slower than 16 rows.
+def test_a_slowed_down_point_never_makes_a_bigger_batch_look_cheaper_or_dearer_than_linear():
+    # 8 rows measured while another process ran: read as no slower than 16 rows, and
+    # no slower than twice 4 rows.
     curve = PiecewiseLinear({1: 0.03, 2: 0.013, 4: 0.02, 8: 0.5, 16: 0.2})
     values = [curve(x) for x in range(1, 25)]
     assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
-    assert curve(1) == pytest.approx(0.013) and curve(8) == 0.2 and curve(16) == 0.2
-    curve.observe(8, 0.1, alpha=1.0)  # online updates move the raw point, not the envelope
-    assert curve.points[8] == pytest.approx(0.1) and curve(8) == pytest.approx(0.1)
+    assert curve(1) == pytest.approx(0.013) and curve(8) == pytest.approx(0.04) and curve(16) == pytest.approx(0.08)
+    # The last point slowed down (nothing later to compare with): bounded by linear scaling.
+    spiked = PiecewiseLinear({1: 0.0068, 2: 0.0098, 4: 0.0279, 8: 0.0598, 16: 0.9395})
+    assert spiked(16) == pytest.approx(8 * 0.0098)  # eight times the 2-row step
+    curve.observe(8, 0.03, alpha=1.0)  # online updates move the raw point; the bounds still apply
+    assert curve.points[8] == pytest.approx(0.03) and curve(8) == pytest.approx(0.03)

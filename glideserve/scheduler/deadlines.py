@@ -56,8 +56,9 @@ class DeadlinePlanner:
                  drops: bool, exempt: str | None = None) -> list[SimEntry]:
         def entry(r: Request, is_running: bool) -> SimEntry:
             drop = self.drop_after(r) if drops and r.request_id != exempt else None
+            # A prompt encoded ahead of its turn is in the runner's cache: joining costs next to nothing.
             return SimEntry(r.request_id, r.rows, r.tokens_per_row, r.remaining_steps, running=is_running,
-                            prefilled=is_running or r.request_id in prefilled, drop_after=drop,
+                            prefilled=is_running or r.request_id in prefilled or r.prefetched, drop_after=drop,
                             deadline=r.deadline, holds=r.effective_deadline is None)
 
         return [entry(r, True) for r in running] + [entry(r, False) for r in queue]

@@ -25,9 +25,11 @@ class PiecewiseLinear:
     Between points it interpolates linearly; below the first point it keeps the first
     value (a fixed per-call cost dominates small batches); past the last it extends the
     last segment's slope (proportionally when there is one point or a falling slope).
-    Predictions never fall as the count grows: a point above a later one (a measurement
-    that another process slowed down, which only ever adds time) is read as the later
-    one, so one noisy point cannot make a bigger batch look cheaper than a smaller one.
+    Two physical bounds keep a point that another process slowed down (interference
+    only ever adds time) from misleading the scheduler: predictions never fall as the
+    count grows (a point above a later one is read as the later one), and never grow
+    faster than the count (``n`` items cost at most ``n / m`` times what ``m < n`` cost,
+    since batching amortises, never adds, per-call work).
     ``observe`` moves the point at ``x`` towards a measurement (inserting it first).
     """
 
@@ -40,9 +42,13 @@ class PiecewiseLinear:
     def __call__(self, x: float) -> float:
         if not self.points:
             return 0.0
-        later = [y for p, y in self.points.items() if p >= x]
-        raw = self._interpolate(x)
-        return min(raw, min(later)) if later else raw
+        value = self._interpolate(x)
+        for p, y in self.points.items():
+            if p >= x:
+                value = min(value, y)
+            elif p > 0:
+                value = min(value, y * x / p)
+        return value
 
     def _interpolate(self, x: float) -> float:
         xs = list(self.points)

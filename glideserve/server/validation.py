@@ -34,9 +34,12 @@ def is_visible(char: str) -> bool:
 
 
 def check_text(value: str, field: str, allow_empty: bool) -> str:
-    """Refuse control characters other than tab and newline, and (unless ``allow_empty``)
-    text without a single visible character. Raises ValueError naming ``field``."""
+    """Refuse control characters other than tab and newline (a carriage return only as part
+    of a Windows line ending, CRLF), and (unless ``allow_empty``) text without a single
+    visible character. Raises ValueError naming ``field``."""
     for position, char in enumerate(value):
+        if char == "\r" and value[position + 1:position + 2] == "\n":
+            continue  # a bare CR could rewrite a log line; CRLF is just a line break
         if unicodedata.category(char) == "Cc" and char not in ALLOWED_CONTROLS:
             raise ValueError(f"{field} contains the control character U+{ord(char):04X} at position {position}; "
                              "remove it (only tab and newline are allowed)")

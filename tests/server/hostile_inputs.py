@@ -34,7 +34,8 @@ CONTROL_PROMPTS = [
 ]
 
 # Prompts that must be accepted: visible text with tabs, newlines and non-Latin scripts.
-GOOD_PROMPTS = ["a red circle", "a red\tcircle\non a blue background", "un cercle rouge é", "赤い円", "a 🔴"]
+GOOD_PROMPTS = ["a red circle", "a red\tcircle\non a blue background", "a red circle\r\non a blue background",
+                "un cercle rouge é", "赤い円", "a 🔴"]
 
 # Request ids (X-Request-Id and the DELETE path) outside [A-Za-z0-9._-]{1,64}.
 BAD_REQUEST_IDS = ["id with space", "ïd", "١٢٣", "a/b", "a" * 65, "id\u200b", "id%00"]
