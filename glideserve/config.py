@@ -23,7 +23,9 @@ class SchedulerConfig:
     predicts to finish later than ``drop_late_after`` x its SLO past its deadline is
     dropped (``None``: never dropped); at most ``max_paused`` requests may be paused by
     preemption at once (0 turns preemption off); a best-effort request that has waited
-    ``best_effort_wait_s`` is ordered as if its deadline were then.
+    ``best_effort_wait_s`` is ordered as if its deadline were then. Admission keeps
+    ``admission_margin`` x the SLO in reserve for prediction error: a request is
+    admitted only if it is predicted to finish that much before its deadline.
 
     ``max_bypass_steps`` bounds head-of-line blocking between sizes: a request that
     does not fit the budget lets later (smaller) ones pass for at most this many steps,
@@ -39,6 +41,7 @@ class SchedulerConfig:
     max_waiting: int = 256
     policy: str = "slack"
     drop_late_after: float | None = 0.5
+    admission_margin: float = 0.15
     max_paused: int = 4
     best_effort_wait_s: float = 60.0
     max_bypass_steps: int = 64
@@ -61,6 +64,8 @@ class SchedulerConfig:
         if self.drop_late_after is not None and not 0 <= self.drop_late_after <= 100:
             raise ValueError(f"drop_late_after must be in 0..100 (a multiple of the SLO) or None, "
                              f"got {self.drop_late_after!r}")
+        if not 0 <= self.admission_margin < 1:
+            raise ValueError(f"admission_margin must be in [0, 1), got {self.admission_margin!r}")
         if not 0 < self.best_effort_wait_s <= 86_400:
             raise ValueError(f"best_effort_wait_s must be in (0, 86400], got {self.best_effort_wait_s!r}")
 

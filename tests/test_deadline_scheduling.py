@@ -21,6 +21,8 @@ PER_ROW_S = 0.01  # a step of r rows takes r x 10 ms at 32x32 (16 tokens per row
 
 
 def setup(policy="slack", profile: LatencyProfile | None = None, **config):
+    # The fake runner costs exactly what the profile predicts: no margin for prediction error needed.
+    config.setdefault("admission_margin", 0.0)
     clock = ManualClock()
     profile = profile if profile is not None else linear_profile(PER_ROW_S)
     sched = Scheduler(SchedulerConfig(policy=policy, **config), clock=clock, profile=profile)
@@ -266,3 +268,12 @@ def test_waiting_prompts_are_encoded_ahead_with_new_arrivals_once():
     assert len(ahead) == len(set(ahead))
     for plan in runner.plans:
         assert not set(plan.encode_ahead) & {d.params.prompt for d in plan.new_requests}
+
+
+def test_admission_keeps_a_margin_of_the_slo_for_prediction_error():
+    # Alone, the request takes 3 steps x 2 rows x 10 ms = 60 ms.
+    sched, _, _ = setup(admission_margin=0.25)
+    sched.add_request(make_request("fits", slo_ms=80))  # 60 ms <= 80 - 20
+    with pytest.raises(SLOUnattainableError):
+        setup(admission_margin=0.25)[0].add_request(make_request("tight", slo_ms=70))  # 60 > 70 - 17.5
+    setup(admission_margin=0.0)[0].add_request(make_request("exact", slo_ms=60))

@@ -117,6 +117,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         drop_late_after: str = typer.Option(
             "0.5", help="Drop an admitted request (503 deadline_exceeded) once it is predicted to finish later "
                         "than its deadline by this many times its SLO; 'never' keeps every admitted request."),
+        admission_margin: float = typer.Option(0.15, min=0, max=0.9, help="Fraction of each SLO kept in reserve "
+                                               "for prediction error when admitting."),
         max_paused: int = typer.Option(4, min=0, help="Requests that may be paused by preemption at once "
                                                       "(0: no preemption)."),
         profile: bool = typer.Option(True, help="Measure the latency profile at start-up (or load it from the "
@@ -141,7 +143,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
             options = dict(max_batch_rows=max_batch_rows, max_waiting=max_queue, device=device, dtype=dtype)
             if system is System.glideserve:
                 options.update(policy=policy.value, drop_late_after=parse_drop_late_after(drop_late_after),
-                               max_paused=max_paused, profile=profile,
+                               max_paused=max_paused, admission_margin=admission_margin, profile=profile,
                                profile_cache=None if profile_cache is None else str(profile_cache))
             backend = make_backend(system, model, **options)
         except (GlideServeError, ValueError) as exc:

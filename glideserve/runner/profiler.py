@@ -64,13 +64,15 @@ def measure_size(runner: ModelRunner, spec: ModelSpec, height: int, width: int, 
     profile = LatencyProfile()
     try:
         def prefill_s(n: int, trial: int) -> float:
-            """Prefill ``n`` requests whose prompts the encoder has seen (the warm-up call encodes them).
+            """Prefill ``n`` requests with prompts never seen before.
 
-            Text encoding is charged only for prompts the LRU misses, and how often that
-            happens depends on the workload: the profile starts from the cost of a hit
-            and the online updates, which see every real prefill, learn the mix.
+            A prompt the encoder's LRU holds costs almost nothing, a new one costs a text
+            encoder call (on ``glide-small`` several denoising steps' worth). How often
+            prompts repeat depends on the workload, so the profile starts from the cost of
+            new prompts, the safe side for deadlines, and the online updates, which see
+            every real prefill, learn the mix.
             """
-            batch = tuple(NewRequestData(f"profile-prefill-{trial}-{i}", make_params("prefill", i))
+            batch = tuple(NewRequestData(f"profile-prefill-{trial}-{i}", make_params(f"prefill {trial}", i))
                           for i in range(n))
             seconds = _timed(lambda: runner.execute(SchedulerOutput(new_requests=batch)))
             runner.execute(SchedulerOutput(freed=tuple(d.request_id for d in batch)))

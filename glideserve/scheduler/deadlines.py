@@ -79,7 +79,7 @@ class DeadlinePlanner:
         drops = self.config.drop_late_after is not None
         with_it = self.predict(now, running, queue, prefilled, drops, exempt=request.request_id)
         finish = with_it.finish.get(request.request_id, math.inf)
-        if finish > request.deadline + TOLERANCE_S:
+        if finish > request.deadline - self.config.admission_margin * request.slo_s + TOLERANCE_S:
             return AdmissionVerdict(False, finish - request.arrival_time,
                                     f"its slo_ms={request.params.slo_ms:g} is shorter than the work ahead "
                                     "of it and its own steps",

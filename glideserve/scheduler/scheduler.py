@@ -286,7 +286,7 @@ class Scheduler:
         return events
 
     def observe_step(self, duration_s: float, result: RunnerOutput) -> None:
-        """The engine's measured wall time of a whole step: what its stages do not explain is overhead."""
+        """Wall time from one busy step's start to the next's: what its stages do not explain is overhead."""
         if result.timing.groups:
             self.profile.observe_overhead(duration_s - result.timing.total_s)
 

@@ -19,7 +19,7 @@ STEP_PER_ROW_S = 0.05  # 4 steps x 2 rows (CFG) x 0.05 s: 0.4 s per request alon
 
 
 def make_client(server_config: ServerConfig = ServerConfig(warmup=False), **scheduler_options):
-    options = dict(max_batch_rows=16, policy="slack")
+    options = dict(max_batch_rows=16, policy="slack", admission_margin=0.0)
     options.update(scheduler_options)
     backend = SchedulingBackend(linear_profile(STEP_PER_ROW_S), SchedulerConfig(**options),
                                 group_s=lambda tokens, rows: rows * STEP_PER_ROW_S)
