@@ -97,3 +97,26 @@ def test_shutdown_drains_admitted_requests_and_refuses_new_ones(engine):
 
     results = run(main())
     assert all(isinstance(events[-1], GenerationResult) for events in results)
+
+
+def test_the_model_is_loaded_and_stepped_on_one_thread(tiny_sd3_dir, monkeypatch):
+    # A second OpenMP pool (one per thread that runs kernels) slows every step: see engine.compute_thread.
+    import threading
+
+    from glideserve.engine.core import EngineCore
+
+    threads = []
+    load = EngineCore.load
+    monkeypatch.setattr(EngineCore, "load", classmethod(
+        lambda cls, *a, **k: (threads.append(threading.current_thread()), load(*a, **k))[1]))
+    engine = AsyncEngine.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+    engine.add_step_listener(lambda stats: threads.append(threading.current_thread()))
+
+    async def main():
+        await engine.start()
+        await collect(await engine.add_request(GenerationParams("a red circle", num_inference_steps=2, seed=0)))
+        await engine.shutdown()
+
+    run(main())
+    assert len(threads) >= 3 and all(t is threads[0] for t in threads)
+    assert threads[0] is not threading.main_thread() and not threads[0].is_alive()

@@ -19,6 +19,7 @@ import time
 import torch
 
 from glideserve.bench.pipeline_backend import BaselineConfig, PipelineBackend, PendingRequest
+from glideserve.engine.compute_thread import ComputeThread
 
 SEQUENTIAL = "diffusers-sequential"
 REQUEST_BATCHING = "request-batching"
@@ -91,14 +92,24 @@ def make_backend(system: str, model: str, **config) -> PipelineBackend:
     if system not in classes:
         raise ValueError(f"unknown baseline {system!r}; choose one of {', '.join(BASELINE_SYSTEMS)}")
     options = BaselineConfig.from_kwargs(**config)
-    if options.num_threads:
-        torch.set_num_threads(options.num_threads)
     defaults = serving_defaults(model)
     if "max_sequence_length" in defaults and "max_sequence_length" not in config:
         options = dataclasses.replace(options, max_sequence_length=int(defaults["max_sequence_length"]))
-    pipe = load_pipeline(model, torch_dtype=getattr(torch, options.dtype))
-    pipe.to(options.device)
-    pipe.set_progress_bar_config(disable=True)
-    spec = spec_from_pipeline(pipe, name=str(model), defaults=defaults)
-    return classes[system](pipe, spec, options)
+
+    def load() -> PipelineBackend:
+        if options.num_threads:
+            torch.set_num_threads(options.num_threads)
+        pipe = load_pipeline(model, torch_dtype=getattr(torch, options.dtype))
+        pipe.to(options.device)
+        pipe.set_progress_bar_config(disable=True)
+        spec = spec_from_pipeline(pipe, name=str(model), defaults=defaults)
+        return classes[system](pipe, spec, options, compute)
+
+    # Loaded on the thread that will run it, as glideserve's engine is (see engine.compute_thread).
+    compute = ComputeThread(f"glideserve-{system}")
+    try:
+        return compute.call(load)
+    except BaseException:
+        compute.close()
+        raise
 

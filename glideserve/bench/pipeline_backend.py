@@ -18,12 +18,14 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from glideserve.engine.async_engine import EngineStats
+from glideserve.engine.compute_thread import ComputeThread
 from glideserve.engine.core import StepStats
 from glideserve.errors import EngineStoppedError, InvalidRequestError, QueueFullError
 from glideserve.models.spec import ModelSpec
@@ -129,7 +131,7 @@ class PipelineBackend(abc.ABC):
 
     system = ""
 
-    def __init__(self, pipe, spec: ModelSpec, config: BaselineConfig):
+    def __init__(self, pipe, spec: ModelSpec, config: BaselineConfig, compute: ComputeThread | None = None):
         from glideserve.runner.samplers import SamplerFactory, name_of_scheduler
 
         self.pipe = pipe
@@ -146,7 +148,8 @@ class PipelineBackend(abc.ABC):
         self._running: dict[str, PendingRequest] = {}
         self._listeners: list[Callable[[StepStats], None]] = []
         self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
+        self._compute = compute or ComputeThread(f"glideserve-{self.system}")  # see engine.compute_thread
+        self._loop: Future | None = None
         self._accepting = True
         self._stop = False
         self._steps_total = 0
@@ -160,9 +163,8 @@ class PipelineBackend(abc.ABC):
 
     # -- the asyncio side ------------------------------------------------------------
     async def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name=f"glideserve-{self.system}", daemon=True)
-            self._thread.start()
+        if self._loop is None:
+            self._loop = self._compute.submit(self._worker)
 
     async def add_request(self, params: GenerationParams, request_id: str | None = None) -> RequestStream:
         if not self._accepting:
@@ -220,9 +222,10 @@ class PipelineBackend(abc.ABC):
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        if self._loop is not None:
+            await asyncio.wrap_future(self._loop)
+            self._loop = None
+        await asyncio.to_thread(self._compute.close)
 
     # -- the worker thread ---------------------------------------------------------------
     def _announce_positions(self) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from glideserve.engine.compute_thread import ComputeThread
 from glideserve.engine.core import EngineCore, StepStats
 from glideserve.engine.stream import RequestStream
 from glideserve.errors import EngineStoppedError
@@ -43,6 +45,9 @@ class EngineStats:
 class AsyncEngine:
     """Runs EngineCore steps on a background thread for asyncio callers.
 
+    The loop runs on ``compute`` (see :mod:`glideserve.engine.compute_thread`);
+    ``from_pretrained`` loads and profiles the model on that same thread.
+
     ``add_request`` validates and enqueues at once (raising InvalidRequestError,
     QueueFullError or EngineStoppedError before any event), and returns a
     RequestStream of Queued / StepProgress events ending in a GenerationResult or a
@@ -50,13 +55,14 @@ class AsyncEngine:
     stops admission and returns once every admitted request has finished.
     """
 
-    def __init__(self, core: EngineCore):
+    def __init__(self, core: EngineCore, compute: ComputeThread | None = None):
         self.core = core
+        self._compute = compute or ComputeThread("glideserve-engine")
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
         self._listeners: list[Callable[[StepStats], None]] = []
-        self._thread: threading.Thread | None = None
+        self._loop: Future | None = None
         self._accepting = True
         self._stop = False
 
@@ -65,7 +71,13 @@ class AsyncEngine:
         """Load a bundled name, diffusers folder or checkpoint; options are EngineConfig fields
         (flat, scheduler ones included), ``config=EngineConfig(...)``, ``single_file_config``
         and ``allow_unsafe_pickle``."""
-        return cls(EngineCore.load(model, **options))
+        compute = ComputeThread("glideserve-engine")
+        try:
+            core = compute.call(EngineCore.load, model, **options)
+        except BaseException:
+            compute.close()
+            raise
+        return cls(core, compute)
 
     @property
     def spec(self) -> ModelSpec:
@@ -76,9 +88,8 @@ class AsyncEngine:
         return self._accepting
 
     async def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="glideserve-engine", daemon=True)
-            self._thread.start()
+        if self._loop is None:
+            self._loop = self._compute.submit(self._run)
 
     async def add_request(self, params: GenerationParams, request_id: str | None = None) -> RequestStream:
         if not self._accepting:
@@ -123,9 +134,10 @@ class AsyncEngine:
                     self.core.abort(rid)
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        if self._loop is not None:
+            await asyncio.wrap_future(self._loop)
+            self._loop = None
+        await asyncio.to_thread(self._compute.close)
 
     # -- the loop thread -----------------------------------------------------------------
     def _run(self) -> None:
