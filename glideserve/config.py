@@ -40,7 +40,7 @@ class SchedulerConfig:
     max_latent_tokens: int = 65536
     max_waiting: int = 256
     policy: str = "slack"
-    drop_late_after: float | None = 0.5
+    drop_late_after: float | None = 0.0
     admission_margin: float = 0.15
     max_paused: int = 4
     best_effort_wait_s: float = 60.0

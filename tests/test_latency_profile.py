@@ -117,3 +117,17 @@ def test_a_slowed_down_point_never_makes_a_bigger_batch_look_cheaper_or_dearer_t
     assert spiked(16) == pytest.approx(8 * 0.0098)  # eight times the 2-row step
     curve.observe(8, 0.03, alpha=1.0)  # online updates move the raw point; the bounds still apply
     assert curve.points[8] == pytest.approx(0.03) and curve(8) == pytest.approx(0.03)
+
+
+def test_a_uniform_slowdown_seen_at_one_count_raises_every_count():
+    # Only 16 rows run under load; the other points keep their fast start-up values. Without the
+    # whole-curve update the bounds would cap 16 rows at 4 x the 4-row point (4 x 0.012 s).
+    profile = LatencyProfile(steps={64: PiecewiseLinear({1: 0.006, 2: 0.008, 4: 0.012, 8: 0.021, 16: 0.041})})
+    for _ in range(60):
+        profile.observe_group(64, 16, 0.082)  # twice as slow
+    assert profile.group_s(64, 16) == pytest.approx(0.082, rel=0.02)
+    for rows, fast in ((1, 0.006), (4, 0.012), (8, 0.021)):
+        assert 1.7 < profile.group_s(64, rows) / fast <= 2.0  # mostly followed, never overshot
+    curve = PiecewiseLinear({1: 0.01, 2: 0.02})
+    curve.observe(2, 10.0, alpha=0.0, drift=1.0)  # a stalled step rescales by at most MAX_DRIFT_RATIO
+    assert curve.points == {1: pytest.approx(0.04), 2: pytest.approx(0.08)}

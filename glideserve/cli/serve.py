@@ -115,8 +115,9 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         default_slo_ms: Optional[float] = typer.Option(None, min=1, help="SLO of requests without slo_ms "
                                                                          "(default: none, best effort)."),
         drop_late_after: str = typer.Option(
-            "0.5", help="Drop an admitted request (503 deadline_exceeded) once it is predicted to finish later "
-                        "than its deadline by this many times its SLO; 'never' keeps every admitted request."),
+            "0", help="Drop an admitted request (503 deadline_exceeded) once it is predicted to finish later "
+                      "than its deadline by this many times its SLO (0: as soon as it is predicted late); "
+                      "'never' keeps every admitted request."),
         admission_margin: float = typer.Option(0.15, min=0, max=0.9, help="Fraction of each SLO kept in reserve "
                                                "for prediction error when admitting."),
         max_paused: int = typer.Option(4, min=0, help="Requests that may be paused by preemption at once "

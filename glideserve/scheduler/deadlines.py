@@ -14,10 +14,7 @@ from typing import Iterable, Sequence
 from glideserve.config import SchedulerConfig
 from glideserve.request import Request
 from glideserve.scheduler.profile import LatencyProfile
-from glideserve.scheduler.simulate import SimEntry, SimResult, joining_harms, simulate
-
-# Predictions are sums of floats: a finish this close to the deadline counts as on time.
-TOLERANCE_S = 1e-6
+from glideserve.scheduler.simulate import TOLERANCE_S, SimEntry, SimResult, joining_harms, simulate
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 PROFILE_FORMAT = 2  # 2: points are the fastest of the repeats (1: the median)
+# Online updates: an observation moves its whole curve by ``alpha`` of the relative error
+# (the machine's speed) and its own point by SHAPE_SHARE x ``alpha`` (the curve's shape,
+# which the start-up sweep measured well). One observation moves a curve by at most
+# MAX_DRIFT_RATIO, so that one stalled step cannot rescale a whole table.
+SHAPE_SHARE = 0.25
+MAX_DRIFT_RATIO = 4.0
 
 
 class PiecewiseLinear:
@@ -67,7 +73,20 @@ class PiecewiseLinear:
                 return y_last + slope * (x - last)
         return y_last * x / last
 
-    def observe(self, x: int, seconds: float, alpha: float) -> None:
+    def observe(self, x: int, seconds: float, alpha: float, drift: float = 0.0) -> None:
+        """Move towards a measurement at ``x``: the whole curve by ``drift`` of the error
+        (relative to the prediction), then the point at ``x`` by ``alpha``.
+
+        The whole-curve part is why a machine that slows down (other work on its cores)
+        is followed at every count, not only at the counts it happens to run: with the
+        bounds of ``__call__``, a stale fast point would otherwise cap the prediction of
+        every count above it.
+        """
+        if drift and self.points:
+            predicted = self(x)
+            if predicted > 0:
+                ratio = min(max(seconds / predicted, 1 / MAX_DRIFT_RATIO), MAX_DRIFT_RATIO)
+                self.points = {p: y * (1 + drift * (ratio - 1)) for p, y in self.points.items()}
         if x not in self.points:
             self.points[x] = self._interpolate(x) if self.points else seconds
             self.points = dict(sorted(self.points.items()))
@@ -92,7 +111,8 @@ class LatencyProfile:
     per-request sampler updates); ``decode[tokens]`` maps images to the seconds of one
     batched VAE decode; ``prefill`` maps new requests to the seconds of their batched
     prefill; ``overhead_s`` is what a step costs besides those (scheduling, bookkeeping),
-    learned online only. ``alpha`` is the EWMA weight of each new observation. An empty
+    learned online only. ``alpha`` is the EWMA weight of each new observation (see
+    SHAPE_SHARE for how it splits between a curve's level and its shape). An empty
     profile predicts 0 s (it learns from the first real steps).
     """
 
@@ -132,7 +152,7 @@ class LatencyProfile:
 
     def observe_prefill(self, requests: int, seconds: float) -> None:
         if requests:
-            self.prefill.observe(requests, seconds, self.alpha)
+            self.prefill.observe(requests, seconds, self.alpha * SHAPE_SHARE, drift=self.alpha)
 
     def observe_decode(self, tokens_per_row: int, images: int, seconds: float) -> None:
         if images:
@@ -200,4 +220,4 @@ def _observe(tables: dict[int, PiecewiseLinear], tokens: int, count: int, second
         estimate = seeded(count)
         tables[tokens] = seeded.scaled(seconds / estimate) if estimate > 0 else PiecewiseLinear({count: seconds})
         return
-    curve.observe(count, seconds, alpha)
+    curve.observe(count, seconds, alpha * SHAPE_SHARE, drift=alpha)

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 from glideserve.scheduler.profile import LatencyProfile
 
+# Predictions are sums of floats: a finish this close to a deadline or drop point counts as on time.
+TOLERANCE_S = 1e-6
+
 
 @dataclass(frozen=True)
 class SimEntry:
@@ -66,7 +69,7 @@ def joining_harms(t: float, members: list[tuple[SimEntry, int]], candidate: SimE
     for e, left in members:
         if e.deadline is not None:
             end = t + profile.decode_s(e.tokens_per_row, 1)
-            if end + left * current <= e.deadline + 1e-6 < end + left * trial:
+            if end + left * current <= e.deadline + TOLERANCE_S < end + left * trial:
                 return True
     return False
 
@@ -99,7 +102,7 @@ def simulate(now: float, entries: list[SimEntry], profile: LatencyProfile, max_r
         for item in list(active):
             e = item[0]
             if e.drop_after is not None and t + e.remaining * step + profile.decode_s(e.tokens_per_row, 1) \
-                    > e.drop_after:
+                    > e.drop_after + TOLERANCE_S:
                 active.remove(item)
                 rows -= e.rows
                 tokens -= e.cost_tokens
@@ -118,7 +121,7 @@ def simulate(now: float, entries: list[SimEntry], profile: LatencyProfile, max_r
                 trial[e.tokens_per_row] = trial.get(e.tokens_per_row, 0) + e.rows
                 start = t + profile.prefill_s(joined + (not e.prefilled))
                 if start + e.remaining * profile.step_s(trial.items()) \
-                        + profile.decode_s(e.tokens_per_row, 1) > e.drop_after:
+                        + profile.decode_s(e.tokens_per_row, 1) > e.drop_after + TOLERANCE_S:
                     result.dropped.append(e.request_id)
                     continue
             active.append([e, e.remaining])
