@@ -96,20 +96,15 @@ def make_backend(system: str, model: str, **config) -> PipelineBackend:
     if "max_sequence_length" in defaults and "max_sequence_length" not in config:
         options = dataclasses.replace(options, max_sequence_length=int(defaults["max_sequence_length"]))
 
-    def load() -> PipelineBackend:
+    def load():
         if options.num_threads:
             torch.set_num_threads(options.num_threads)
         pipe = load_pipeline(model, torch_dtype=getattr(torch, options.dtype))
         pipe.to(options.device)
         pipe.set_progress_bar_config(disable=True)
-        spec = spec_from_pipeline(pipe, name=str(model), defaults=defaults)
-        return classes[system](pipe, spec, options, compute)
+        return pipe, spec_from_pipeline(pipe, name=str(model), defaults=defaults)
 
     # Loaded on the thread that will run it, as glideserve's engine is (see engine.compute_thread).
-    compute = ComputeThread(f"glideserve-{system}")
-    try:
-        return compute.call(load)
-    except BaseException:
-        compute.close()
-        raise
+    compute, (pipe, spec) = ComputeThread.starting_with(f"glideserve-{system}", load)
+    return classes[system](pipe, spec, options, compute)
 

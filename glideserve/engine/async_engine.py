@@ -71,12 +71,7 @@ class AsyncEngine:
         """Load a bundled name, diffusers folder or checkpoint; options are EngineConfig fields
         (flat, scheduler ones included), ``config=EngineConfig(...)``, ``single_file_config``
         and ``allow_unsafe_pickle``."""
-        compute = ComputeThread("glideserve-engine")
-        try:
-            core = compute.call(EngineCore.load, model, **options)
-        except BaseException:
-            compute.close()
-            raise
+        compute, core = ComputeThread.starting_with("glideserve-engine", EngineCore.load, model, **options)
         return cls(core, compute)
 
     @property

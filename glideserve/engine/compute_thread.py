@@ -37,6 +37,16 @@ class ComputeThread:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
+    @classmethod
+    def starting_with(cls, name: str, fn: Callable[..., T], *args, **kwargs) -> "tuple[ComputeThread, T]":
+        """A new thread that has already run ``fn`` (a model load); closed again if ``fn`` raises."""
+        compute = cls(name)
+        try:
+            return compute, compute.call(fn, *args, **kwargs)
+        except BaseException:
+            compute.close()
+            raise
+
     def submit(self, fn: Callable[..., T], *args, **kwargs) -> "Future[T]":
         if self._closed:
             raise RuntimeError(f"compute thread {self.name!r} is closed")

@@ -152,7 +152,7 @@ class LatencyProfile:
 
     def observe_prefill(self, requests: int, seconds: float) -> None:
         if requests:
-            self.prefill.observe(requests, seconds, self.alpha * SHAPE_SHARE, drift=self.alpha)
+            _follow(self.prefill, requests, seconds, self.alpha)
 
     def observe_decode(self, tokens_per_row: int, images: int, seconds: float) -> None:
         if images:
@@ -220,4 +220,9 @@ def _observe(tables: dict[int, PiecewiseLinear], tokens: int, count: int, second
         estimate = seeded(count)
         tables[tokens] = seeded.scaled(seconds / estimate) if estimate > 0 else PiecewiseLinear({count: seconds})
         return
+    _follow(curve, count, seconds, alpha)
+
+
+def _follow(curve: PiecewiseLinear, count: int, seconds: float, alpha: float) -> None:
+    """The online update of every table: the level by ``alpha``, the shape by SHAPE_SHARE of it."""
     curve.observe(count, seconds, alpha * SHAPE_SHARE, drift=alpha)
