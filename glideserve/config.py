@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from glideserve.cache.policy import parse_cache_policy
+from glideserve.errors import InvalidRequestError
 from glideserve.scheduler.policy import POLICY_NAMES
 
 
@@ -34,6 +36,12 @@ class SchedulerConfig:
     ``max_decode_wait_steps`` steps (and never past its deadline) to be decoded with
     others. ``max_prefill_batch`` bounds the prompts one text-encoder call encodes
     (arrivals plus waiting requests encoded ahead of their turn).
+
+    Step caching: ``cache_memory_mb`` is the budget of the per-request feature caches
+    (a request whose cache does not fit takes full steps only); ``full_slots`` turns on
+    progressive batching: at most that many caching requests take a full step per step,
+    and at most ``full_slots`` x interval + 1 requests with a counter policy run at once
+    (``None``: every request takes its full steps when its policy says).
     """
 
     max_batch_rows: int = 16
@@ -48,6 +56,8 @@ class SchedulerConfig:
     max_decode_batch: int = 8
     max_decode_wait_steps: int = 4
     max_prefill_batch: int = 16
+    cache_memory_mb: float = 1024.0
+    full_slots: int | None = None
 
     def __post_init__(self):
         for name in ("max_batch_rows", "max_latent_tokens", "max_waiting", "max_bypass_steps", "max_decode_batch",
@@ -66,6 +76,11 @@ class SchedulerConfig:
                              f"got {self.drop_late_after!r}")
         if not 0 <= self.admission_margin < 1:
             raise ValueError(f"admission_margin must be in [0, 1), got {self.admission_margin!r}")
+        if not 0 <= self.cache_memory_mb <= 1_048_576:
+            raise ValueError(f"cache_memory_mb must be in 0..1048576, got {self.cache_memory_mb!r}")
+        if self.full_slots is not None and (isinstance(self.full_slots, bool) or not isinstance(self.full_slots, int)
+                                            or self.full_slots < 1):
+            raise ValueError(f"full_slots must be a positive integer or None, got {self.full_slots!r}")
         if not 0 < self.best_effort_wait_s <= 86_400:
             raise ValueError(f"best_effort_wait_s must be in (0, 86400], got {self.best_effort_wait_s!r}")
 
@@ -84,6 +99,9 @@ class EngineConfig:
     the JSON cache at ``profile_cache`` when it holds an entry for this model, size,
     dtype, device and thread count (``None``: the user's cache directory). Without it
     the profile starts empty and learns from the first steps.
+
+    ``default_cache`` is the step-caching policy of requests that name none (see
+    ``glideserve.cache.policy``); ``latent_aware`` the latent-aware denoising default.
     """
 
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -96,12 +114,18 @@ class EngineConfig:
     profile: bool = False
     profile_cache: str | None = None
     profile_sizes: tuple[tuple[int, int], ...] = ()
+    default_cache: str = "none"
+    latent_aware: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
             raise ValueError("max_sequence_length must be in 1..512")
+        try:
+            parse_cache_policy(self.default_cache, "default_cache")
+        except InvalidRequestError as exc:
+            raise ValueError(str(exc)) from None
         for name in ("prompt_cache_size", "max_image_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

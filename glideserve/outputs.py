@@ -15,6 +15,8 @@ class RequestTimings:
 
     ``queued_s``: arrival to first scheduled step; ``denoise_s``: first step to last
     step; ``decode_s``: its (batched) VAE decode; ``total_s``: arrival to image.
+    ``full_steps``/``cached_steps``: how many of its ``steps`` ran every block and how
+    many reused its feature cache.
     """
 
     queued_s: float = 0.0
@@ -22,6 +24,8 @@ class RequestTimings:
     decode_s: float = 0.0
     total_s: float = 0.0
     steps: int = 0
+    full_steps: int = 0
+    cached_steps: int = 0
 
     def as_dict(self) -> dict:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in self.__dict__.items()}

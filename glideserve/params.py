@@ -7,6 +7,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from glideserve.cache.policy import parse_cache_policy
 from glideserve.errors import InvalidRequestError
 from glideserve.models.spec import ModelSpec
 
@@ -33,7 +34,10 @@ class GenerationParams:
     its arrival plus ``slo_ms``; ``None`` makes it best effort (served after requests
     with deadlines, never refused or dropped for lateness). ``priority`` (higher is
     served first, -1000..1000) orders best-effort requests and breaks ties between
-    requests with deadlines.
+    requests with deadlines. ``cache`` is the step-caching policy (see
+    ``glideserve.cache.policy``; ``None``: the engine's default), resolved to its
+    canonical spelling. ``latent_aware`` turns on latent-aware denoising (flow-matching
+    models only; see ``glideserve.runner.latent_aware``; ``None``: the engine's default).
     """
 
     prompt: str
@@ -48,8 +52,11 @@ class GenerationParams:
     partial_images: int = 0
     slo_ms: float | None = None
     priority: int = 0
+    cache: str | None = None
+    latent_aware: bool | None = None
 
-    def resolve(self, spec: ModelSpec, max_image_side: int = 2048) -> "GenerationParams":
+    def resolve(self, spec: ModelSpec, max_image_side: int = 2048, default_cache: str = "none",
+                default_latent_aware: bool = False) -> "GenerationParams":
         _check_prompt(self.prompt, "prompt")
         if self.negative_prompt is not None:
             _check_prompt(self.negative_prompt, "negative_prompt", allow_empty=True)
@@ -89,8 +96,20 @@ class GenerationParams:
                 f"unknown sampler {sampler!r} for a {spec.family} model; choose one of {', '.join(spec.samplers)}",
                 "sampler")
         slo_ms = None if self.slo_ms is None else float(self.slo_ms)
+        cache = parse_cache_policy(default_cache if self.cache is None else self.cache)
+        if cache.kind not in spec.cache_policies:
+            raise InvalidRequestError(
+                f"cache policy {cache.kind!r} is not available for a {spec.family} model; choose one of "
+                f"{', '.join(spec.cache_policies)}", "cache")
+        latent_aware = default_latent_aware if self.latent_aware is None else self.latent_aware
+        if not isinstance(latent_aware, bool):
+            raise InvalidRequestError(f"latent_aware must be true or false, got {latent_aware!r}", "latent_aware")
+        if latent_aware and not spec.flow_matching:
+            raise InvalidRequestError("latent_aware needs a flow-matching model (SD3 / SD3.5); this is a "
+                                      f"{spec.family} model", "latent_aware")
         return dataclasses.replace(self, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
-                                   height=height, width=width, sampler=sampler, slo_ms=slo_ms)
+                                   height=height, width=width, sampler=sampler, slo_ms=slo_ms, cache=str(cache),
+                                   latent_aware=latent_aware)
 
     def preview_steps(self, num_steps: int) -> frozenset[int]:
         """Steps (counted from 1) after which a preview is produced: evenly spaced, never the last."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from glideserve.cache.policy import NO_CACHE, CachePolicy
 from glideserve.params import GenerationParams
 
 
@@ -32,6 +33,11 @@ class Request:
     ``decode_waits`` the steps its finished latents waited to be decoded with others.
     ``aged_deadline`` is set on a best-effort request that has waited too long: it is
     then ordered as if it had that deadline (never refused or dropped for it).
+
+    Step caching: ``cache_policy`` is the request's resolved policy; ``cache_bytes``
+    what its feature cache needs; ``cache_granted`` whether the memory ledger gave it
+    (without it the request takes full steps only); ``cache_counter`` the counter of the
+    counter policies; ``full_steps``/``cached_steps`` count the kinds its steps took.
     """
 
     request_id: str
@@ -51,6 +57,12 @@ class Request:
     preemptions: int = 0
     prefetched: bool = False
     aged_deadline: float | None = None
+    cache_policy: CachePolicy = NO_CACHE
+    cache_bytes: int = 0
+    cache_granted: bool = False
+    cache_counter: int = 0
+    full_steps: int = 0
+    cached_steps: int = 0
 
     @property
     def shape_key(self) -> tuple[int, int]:

@@ -71,13 +71,13 @@ def test_different_sizes_never_share_a_forward(tiny_sd3_dir):
     engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
     family = engine.core.runner.family
     shapes = []
-    real = family.forward
+    real = family.denoise
 
-    def forward(latents, timesteps, cond):
+    def denoise(latents, timesteps, cond, groups):
         shapes.append(tuple(latents.shape))
-        return real(latents, timesteps, cond)
+        return real(latents, timesteps, cond, groups)
 
-    family.forward = forward
+    family.denoise = denoise
     results = engine.generate([GenerationParams("a", num_inference_steps=2, seed=0, height=32, width=32),
                                GenerationParams("b", num_inference_steps=2, seed=0, height=16, width=32)])
     assert sorted(set(shapes)) == [(2, 4, 8, 16), (2, 4, 16, 16)]

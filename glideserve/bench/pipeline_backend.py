@@ -170,6 +170,12 @@ class PipelineBackend(abc.ABC):
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
         resolved = params.resolve(self.spec, self.config.max_image_side)
+        if resolved.cache != "none":
+            raise InvalidRequestError(f"this baseline runs the diffusers pipeline and caches no steps; "
+                                      f"omit cache (got {resolved.cache!r}) or use --system glideserve", "cache")
+        if resolved.latent_aware:
+            raise InvalidRequestError("this baseline runs the diffusers pipeline, which has no latent-aware "
+                                      "denoising; omit latent_aware or use --system glideserve", "latent_aware")
         rid = request_id or params.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         stream = RequestStream(rid, resolved, asyncio.get_running_loop())
         with self._cond:

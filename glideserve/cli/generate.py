@@ -90,6 +90,9 @@ def generate(
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
     config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder with configs for a single-file checkpoint."),
     allow_unsafe_pickle: bool = typer.Option(False, help="Allow loading pickled .ckpt/.pt files (runs code from the file!)."),
+    cache: str = typer.Option("none", help="Step caching: none (exact), glideserve:N, fora:N, taylorseer:N, "
+                                           "teacache:T or fbcache:T."),
+    latent_aware: bool = typer.Option(False, help="Latent-aware denoising (SD3 models)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate images; several prompts are batched step by step in one engine."""
@@ -104,7 +107,8 @@ def generate(
 
         engine = Engine.from_pretrained(model, single_file_config=config, allow_unsafe_pickle=allow_unsafe_pickle,
                                         max_batch_rows=max_batch_rows, max_waiting=max(len(params), 1),
-                                        num_threads=threads, device=device, dtype=dtype)
+                                        num_threads=threads, device=device, dtype=dtype, default_cache=cache,
+                                        latent_aware=latent_aware)
         results = engine.generate(params, progress=not quiet)
     except GlideServeError as exc:
         fail(exc.message)
@@ -125,6 +129,7 @@ def generate(
         p = result.params
         records.append({"index": i, "file": name, "prompt": p.prompt, "seed": p.seed, "steps": p.num_inference_steps,
                         "guidance": p.guidance_scale, "size": f"{p.width}x{p.height}", "sampler": p.sampler,
+                        "cache": p.cache,
                         **result.timings.as_dict()})
     (folder / "timings.json").write_text(json.dumps(records, indent=1))
     typer.echo(f"wrote {len(results)} images and timings.json to {folder}", err=True)

@@ -126,6 +126,15 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                                 "cache); --no-profile starts from online estimates."),
         profile_cache: Optional[Path] = typer.Option(None, help="JSON file of measured latency profiles "
                                                                 "(default: the user's cache directory)."),
+        cache: str = typer.Option("none", help="Step-caching policy of requests that name none: none, "
+                                               "glideserve:N, fora:N, taylorseer:N, teacache:T or fbcache:T "
+                                               "(a request's `cache` field overrides it)."),
+        full_slots: Optional[int] = typer.Option(None, min=1, help="Progressive batching: caching requests that "
+                                                 "take a full step per step (default: no limit)."),
+        cache_memory_mb: float = typer.Option(1024.0, min=0, help="Memory budget of the per-request feature "
+                                              "caches; a request that does not fit takes full steps."),
+        latent_aware: bool = typer.Option(False, help="Latent-aware denoising for requests that do not say "
+                                                      "(SD3 models)."),
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
@@ -145,7 +154,9 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
             if system is System.glideserve:
                 options.update(policy=policy.value, drop_late_after=parse_drop_late_after(drop_late_after),
                                max_paused=max_paused, admission_margin=admission_margin, profile=profile,
-                               profile_cache=None if profile_cache is None else str(profile_cache))
+                               profile_cache=None if profile_cache is None else str(profile_cache),
+                               default_cache=cache, full_slots=full_slots, cache_memory_mb=cache_memory_mb,
+                               latent_aware=latent_aware)
             backend = make_backend(system, model, **options)
         except (GlideServeError, ValueError) as exc:
             typer.secho(f"error: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glideserve.cache.policy import parse_cache_policy
 from glideserve.config import EngineConfig
 from glideserve.engine.profiling import load_or_measure
 from glideserve.models.loading import load_pipeline, serving_defaults, spec_from_pipeline
@@ -105,7 +106,9 @@ class EngineCore:
 
     def add_request(self, params: GenerationParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
-        resolved = params.resolve(self.spec, self.config.max_image_side)
+        resolved = params.resolve(self.spec, self.config.max_image_side, self.config.default_cache,
+                                   self.config.latent_aware)
+        policy = parse_cache_policy(resolved.cache)
         rid = request_id or params.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         num_steps = self.runner.samplers.num_iterations(
             resolved.sampler, resolved.num_inference_steps, resolved.height, resolved.width,
@@ -113,7 +116,8 @@ class EngineCore:
         request = Request(
             rid, resolved, num_steps=num_steps, rows=2 if resolved.uses_cfg else 1,
             tokens_per_row=self.spec.tokens_per_row(resolved.height, resolved.width),
-            arrival_time=self.scheduler.clock() if arrival_time is None else arrival_time)
+            arrival_time=self.scheduler.clock() if arrival_time is None else arrival_time,
+            cache_policy=policy, cache_bytes=self.runner.family.cache_bytes(policy, resolved))
         self.scheduler.add_request(request)
         return request
 

@@ -47,7 +47,9 @@ class Engine:
 
     def generate(self, params: list[GenerationParams], progress: bool = False) -> list[GenerationResult]:
         # Validate everything first, so a bad request fails the call before any work runs.
-        resolved = [p.resolve(self.spec, self.core.config.max_image_side) for p in params]
+        config = self.core.config
+        resolved = [p.resolve(self.spec, config.max_image_side, config.default_cache,
+                               config.latent_aware) for p in params]
         requests = [self.core.add_request(p) for p in resolved]
         ids = [r.request_id for r in requests]
         results: dict[str, GenerationResult] = {}

@@ -120,6 +120,9 @@ def pipeline_family(pipe) -> str:
     return _PIPELINE_FAMILIES[name]
 
 
+_CACHE_POLICIES = {"sd3": ("none", "glideserve", "fora", "taylorseer", "teacache", "fbcache")}
+
+
 def spec_from_pipeline(pipe, name: str, defaults: dict | None = None) -> ModelSpec:
     """Derive the facts validation and scheduling need from a loaded pipeline's configs."""
     from glideserve.runner.samplers import sampler_names
@@ -149,7 +152,7 @@ def spec_from_pipeline(pipe, name: str, defaults: dict | None = None) -> ModelSp
         default_steps=int(defaults.get("default_steps", steps)),
         default_guidance=float(defaults.get("default_guidance", guidance)),
         samplers=names, default_sampler=_default_sampler(pipe, names), max_prompt_tokens=max_tokens,
-        max_side=max_side,
+        max_side=max_side, cache_policies=_CACHE_POLICIES.get(family, ("none",)), flow_matching=family == "sd3",
     )
 
 

@@ -26,6 +26,8 @@ class ModelSpec:
     default_sampler: str
     max_prompt_tokens: int
     max_side: int | None = None  # largest image side the denoiser can take (SD3: its position table)
+    cache_policies: tuple[str, ...] = ("none",)  # step-caching policy kinds its block loop implements
+    flow_matching: bool = False  # the denoiser predicts a flow velocity (SD3): latent-aware denoising applies
 
     @property
     def size_multiple(self) -> int:

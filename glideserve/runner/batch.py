@@ -8,6 +8,7 @@ import torch
 
 from glideserve.params import GenerationParams
 from glideserve.runner.families.base import Cond
+from glideserve.runner.feature_cache import FeatureCache
 from glideserve.runner.samplers import Sampler
 
 
@@ -18,6 +19,7 @@ class RequestState:
     ``cond`` holds ``rows`` rows (unconditional first when guidance is on), so the
     batch's conditioning is the concatenation of its members' ``cond`` in order.
     ``tokens_per_row`` (latent tokens of one row at its size) keys its timings.
+    ``cache`` is its feature cache (None when it caches nothing, or once denoised).
     """
 
     request_id: str
@@ -28,6 +30,7 @@ class RequestState:
     generator: torch.Generator
     tokens_per_row: int
     preview_steps: frozenset[int] = frozenset()
+    cache: FeatureCache | None = None
 
     @property
     def rows(self) -> int:

@@ -7,10 +7,13 @@ import time
 
 import torch
 
+from glideserve.cache.policy import StepKind, parse_cache_policy
 from glideserve.config import EngineConfig
 from glideserve.runner.batch import PersistentBatch, RequestState
 from glideserve.runner.encode import PromptEncoder
 from glideserve.runner.families.base import DenoiserFamily
+from glideserve.runner.feature_cache import FeatureCache, RowGroup
+from glideserve.runner.latent_aware import latent_aware_step
 from glideserve.runner.samplers import SamplerFactory
 from glideserve.scheduler.output import (DecodeTiming, FinishedImage, GroupTiming, NewRequestData, RunnerOutput,
                                         SchedulerOutput)
@@ -23,8 +26,10 @@ class ModelRunner:
 
     ``execute`` frees the ids the scheduler released, prefills new requests (one
     batched text-encoder call with the prompts it is asked to encode ahead, seeded
-    noise, a sampler each), runs one batched forward per image size with every row at
-    its own timestep, steps each request's sampler on its slice, and decodes (one
+    noise, a sampler each, a feature cache when the scheduler granted one), runs one
+    batched forward per image size with every row at its own timestep and step kind
+    (the family's block loop splits full and cached rows), steps each request's
+    sampler on its slice, and decodes (one
     batched VAE call per size) the denoised requests the plan lists. It never decides
     who runs or when to decode: that is the scheduler's.
     """
@@ -48,7 +53,7 @@ class ModelRunner:
             timing.prefill_requests = len(plan.new_requests) + len(plan.encode_ahead)
         t1 = time.perf_counter()
         for states in self.batch.groups(plan.scheduled).values():
-            self._denoise_group(states, out)
+            self._denoise_group(states, plan.step_kinds, out)
         t2 = time.perf_counter()
         if plan.decode:
             self._decode(plan.decode, out)
@@ -88,34 +93,46 @@ class ModelRunner:
         cond = {name: torch.cat([r[name] for r in rows]) for name in positive}
         for name, value in family.row_cond(p).items():
             cond[name] = value.expand(len(rows), *value.shape[1:])
+        policy = parse_cache_policy(p.cache)
+        cache = FeatureCache(policy) if policy.enabled and data.cache_granted else None
         return RequestState(data.request_id, p, latents, sampler, cond, generator,
-                            family.spec.tokens_per_row(p.height, p.width), p.preview_steps(len(sampler.timesteps)))
+                            family.spec.tokens_per_row(p.height, p.width), p.preview_steps(len(sampler.timesteps)),
+                            cache)
 
     # -- one denoising step for one image size --------------------------------------
-    def _denoise_group(self, states: list[RequestState], out: RunnerOutput) -> None:
+    def _denoise_group(self, states: list[RequestState], step_kinds, out: RunnerOutput) -> None:
         start = time.perf_counter()
         try:
-            inputs, timesteps = [], []
+            inputs, timesteps, rows, offset = [], [], [], 0
             for s in states:
                 x = torch.cat([s.latents, s.latents]) if s.params.uses_cfg else s.latents
                 inputs.append(s.sampler.scale_input(x))
                 timesteps.append(s.sampler.timestep.reshape(1).float().expand(s.rows))
+                rows.append(RowGroup(offset, s.rows, step_kinds.get(s.request_id, StepKind.FULL), s.cache,
+                                     s.sampler.index))
+                offset += s.rows
             key = states[0].shape_key
-            noise = self.family.forward(torch.cat(inputs), torch.cat(timesteps).to(self.family.device),
-                                        self.batch.group_cond(key, states))
+            noise, kinds = self.family.denoise(torch.cat(inputs), torch.cat(timesteps).to(self.family.device),
+                                               self.batch.group_cond(key, states), rows)
             offset = 0
-            for s in states:
+            for s, kind in zip(states, kinds):
+                out.step_kinds[s.request_id] = kind
                 pred = noise[offset:offset + s.rows]
                 offset += s.rows
                 if s.params.uses_cfg:
                     uncond, text = pred.chunk(2)
                     pred = uncond + s.params.guidance_scale * (text - uncond)
+                if s.params.latent_aware:
+                    s.latents, pred = latent_aware_step(s.latents, pred, *s.sampler.sigma_pair(), s.generator)
                 s.latents, denoised = s.sampler.step(pred, s.latents)
                 out.stepped.append(s.request_id)
+                if s.sampler.done:
+                    s.cache = None  # its features are never read again: free them now, not at decode
                 if not s.sampler.done and s.sampler.index in s.preview_steps:
                     out.previews[s.request_id] = self._preview(s.latents if denoised is None else denoised)
+            cached = sum(s.rows for s, kind in zip(states, kinds) if kind is StepKind.CACHED)
             out.timing.groups.append(GroupTiming(states[0].tokens_per_row, sum(s.rows for s in states), len(states),
-                                                 time.perf_counter() - start))
+                                                 time.perf_counter() - start, cached))
         except Exception as exc:  # fail the group's requests; the engine keeps serving others
             log.exception("denoising step failed for %d requests", len(states))
             for s in states:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from collections.abc import Mapping
+
 from PIL import Image
 
+from glideserve.cache.policy import StepKind
 from glideserve.params import GenerationParams
 
 
@@ -15,6 +18,7 @@ class NewRequestData:
 
     request_id: str
     params: GenerationParams  # resolved: no defaults left to fill
+    cache_granted: bool = False  # the memory ledger holds room for its feature cache
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,9 @@ class SchedulerOutput:
     - ``encode_ahead`` holds prompt texts of waiting requests, encoded in the same
       text-encoder call as the new requests' so that their own prefill hits the cache;
     - ``preempted`` ids were paused at this step boundary: not stepped, their runner
-      state kept; ``resumed`` ids run again (listed in ``scheduled`` too).
+      state kept; ``resumed`` ids run again (listed in ``scheduled`` too);
+    - ``step_kinds`` gives each scheduled id's step kind (full, cached, or left to the
+      row's own cache statistics); ids not listed take a full step.
     """
 
     new_requests: tuple[NewRequestData, ...] = ()
@@ -42,6 +48,7 @@ class SchedulerOutput:
     encode_ahead: tuple[str, ...] = ()
     preempted: tuple[str, ...] = ()
     resumed: tuple[str, ...] = ()
+    step_kinds: Mapping[str, StepKind] = field(default_factory=dict)
     num_rows: int = 0
     num_tokens: int = 0
 
@@ -61,12 +68,14 @@ class FinishedImage:
 @dataclass(frozen=True)
 class GroupTiming:
     """One denoising forward: image size (as latent tokens per row), rows, requests and seconds
-    (the forward plus the per-request sampler updates)."""
+    (the forward plus the per-request sampler updates); ``cached_rows`` of the ``rows`` reused
+    their feature cache instead of running every block."""
 
     tokens_per_row: int
     rows: int
     requests: int
     seconds: float
+    cached_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,8 @@ class RunnerOutput:
     ``stepped``: ids that advanced one denoising step; ``finished``: decoded images by
     id; ``failed``: error messages by id (their runner state is already released);
     ``previews``: low-resolution images of the predicted clean image, for requests that
-    asked; ``timing``: seconds per stage and per forward group.
+    asked; ``timing``: seconds per stage and per forward group; ``step_kinds``: the kind
+    (full or cached) each stepped request's step actually took.
     """
 
     stepped: list[str] = field(default_factory=list)
@@ -110,3 +120,4 @@ class RunnerOutput:
     failed: dict[str, str] = field(default_factory=dict)
     previews: dict[str, Image.Image] = field(default_factory=dict)
     timing: StageTiming = field(default_factory=StageTiming)
+    step_kinds: dict[str, StepKind] = field(default_factory=dict)

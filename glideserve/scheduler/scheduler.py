@@ -12,7 +12,10 @@ never touches a tensor. Each ``schedule()``:
    late; a request too big for the room left is passed by later ones for at most
    ``max_bypass_steps`` steps;
 5. decides which finished requests are decoded now (batched across steps while
-   requests wait for capacity) and which waiting prompts are encoded ahead.
+   requests wait for capacity) and which waiting prompts are encoded ahead;
+6. gives every scheduled request its step kind (full, cached, or the row's own
+   cache statistics decide; ``glideserve.scheduler.caching``), having claimed its
+   feature cache's memory from the ledger when it was admitted.
 
 ``add_request`` refuses at once what the profile says cannot meet its deadline.
 Deadline rules apply under the deadline-aware policies only; ``fcfs`` is blind to them.
@@ -24,11 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from glideserve.cache.policy import StepKind
 from glideserve.config import SchedulerConfig
 from glideserve.errors import InvalidRequestError, QueueFullError, SLOUnattainableError
 from glideserve.outputs import EngineEvent, GenerationResult, Queued, RequestFailed, RequestTimings, StepProgress
 from glideserve.request import Request, RequestStatus
+from glideserve.scheduler.caching import plan_step_kinds, record_step_kind
 from glideserve.scheduler.deadlines import DeadlinePlanner
+from glideserve.scheduler.memory import MemoryLedger
 from glideserve.scheduler.output import NewRequestData, RunnerOutput, SchedulerOutput
 from glideserve.scheduler.policy import create_policy
 from glideserve.scheduler.profile import LatencyProfile
@@ -58,6 +64,7 @@ class Scheduler:
         self.policy = create_policy(config.policy)
         self.planner = DeadlinePlanner(self.profile, config)
         self.counters = SchedulerCounters()
+        self.memory = MemoryLedger(int(config.cache_memory_mb * 2**20))
         self._waiting: list[Request] = []
         self._running: dict[str, Request] = {}  # denoising, holding batch rows
         self._paused: dict[str, Request] = {}
@@ -133,7 +140,8 @@ class Scheduler:
         return SchedulerOutput(
             new_requests=tuple(new), scheduled=tuple(r.request_id for r in scheduled), freed=freed,
             decode=decode, encode_ahead=ahead, preempted=tuple(r.request_id for r in preempted),
-            resumed=tuple(r.request_id for r in resumed), num_rows=sum(r.rows for r in scheduled),
+            resumed=tuple(r.request_id for r in resumed),
+            step_kinds=plan_step_kinds(scheduled, self.config.full_slots), num_rows=sum(r.rows for r in scheduled),
             num_tokens=sum(r.cost_tokens for r in scheduled))
 
     def _admit(self, now: float, members: list[Request], candidates: list[Request]
@@ -145,6 +153,8 @@ class Scheduler:
         resumed: list[Request] = []
         blocked: list[Request] = []
         for cand in candidates:
+            if self._progressive_batch_full(members, cand):
+                continue
             if rows + cand.rows > budget_rows or tokens + cand.cost_tokens > budget_tokens:
                 if cand.bypassed_steps >= self.config.max_bypass_steps:
                     break  # later requests have passed it long enough: keep the room for it
@@ -166,7 +176,9 @@ class Scheduler:
                 self.counters.resumed += 1
             else:
                 self._waiting.remove(cand)
-                new.append(NewRequestData(cand.request_id, cand.params))
+                if cand.cache_policy.enabled:
+                    cand.cache_granted = self.memory.claim(cand.request_id, cand.cache_bytes)
+                new.append(NewRequestData(cand.request_id, cand.params, cand.cache_granted))
             cand.status = RequestStatus.RUNNING
             cand.queue_position = None
             self._running[cand.request_id] = cand
@@ -174,6 +186,13 @@ class Scheduler:
             for b in blocked:
                 b.bypassed_steps += 1
         return new, resumed
+
+    def _progressive_batch_full(self, members: list[Request], cand: Request) -> bool:
+        """GlideServe's bound with ``full_slots``: at most slots x interval + 1 counter-policy requests run."""
+        slots, policy = self.config.full_slots, cand.cache_policy
+        if slots is None or not policy.scheduler_decides:
+            return False
+        return sum(1 for m in members if m.cache_policy.scheduler_decides) >= slots * policy.interval + 1
 
     def _age_best_effort(self, now: float) -> None:
         """Give best-effort requests that waited ``best_effort_wait_s`` a deadline after every
@@ -258,11 +277,13 @@ class Scheduler:
             req = self._running.get(rid)
             if req is None:
                 continue
+            record_step_kind(req, result.step_kinds.get(rid, StepKind.FULL))
             req.steps_done += 1
             req.first_step_time = req.first_step_time or now
             req.last_step_time = now
             events.append(StepProgress(rid, req.steps_done, req.num_steps, result.previews.get(rid)))
             if req.denoising_done:  # decoded at the end of this step, or later with others
+                self.memory.release(rid)  # the runner dropped its feature cache with its last step
                 del self._running[rid]
                 req.denoised_time = now
                 self._decoding[rid] = req
@@ -293,7 +314,10 @@ class Scheduler:
     def _observe(self, result: RunnerOutput) -> None:
         timing = result.timing
         for group in timing.groups:
-            self.profile.observe_group(group.tokens_per_row, group.rows, group.seconds)
+            # The profile models full steps; a group with cached rows is cheaper than its row count says,
+            # and learning from it would make full-step predictions optimistic.
+            if group.cached_rows == 0:
+                self.profile.observe_group(group.tokens_per_row, group.rows, group.seconds)
         for decode in timing.decodes:
             self.profile.observe_decode(decode.tokens_per_row, decode.images, decode.seconds)
         self.profile.observe_prefill(timing.prefill_requests, timing.prefill_s)
@@ -301,7 +325,8 @@ class Scheduler:
     def _timings(self, req: Request, now: float, decode_s: float) -> RequestTimings:
         first = req.first_step_time or now
         return RequestTimings(queued_s=first - req.arrival_time, denoise_s=(req.last_step_time or now) - first,
-                              decode_s=decode_s, total_s=now - req.arrival_time, steps=req.steps_done)
+                              decode_s=decode_s, total_s=now - req.arrival_time, steps=req.steps_done,
+                              full_steps=req.full_steps, cached_steps=req.cached_steps)
 
     # -- bookkeeping -------------------------------------------------------------------
     def _ordered(self, requests, now: float) -> list[Request]:
@@ -320,6 +345,7 @@ class Scheduler:
 
     def _remove(self, req: Request, free: bool = True) -> None:
         """Forget ``req``; with ``free``, release its runner state at the next step if it has any."""
+        self.memory.release(req.request_id)
         for table in (self._running, self._paused, self._decoding):
             if table.pop(req.request_id, None) is not None:
                 if free:

@@ -184,7 +184,8 @@ def _params(body: ImageGenerationRequest, default_slo_ms: float | None) -> list[
                              num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
                              seed=seed, height=height, width=width, sampler=body.sampler,
                              partial_images=body.partial_images if body.stream else 0,
-                             slo_ms=slo_ms, priority=body.priority or 0)
+                             slo_ms=slo_ms, priority=body.priority or 0, cache=body.cache,
+                             latent_aware=body.latent_aware)
             for seed in body.seeds(base_seed)]
 
 

@@ -55,6 +55,8 @@ class ServerMetrics:
                                        "Per image: arrival to its first denoising step",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("glideserve_images_generated", "Images generated", registry=r)
+        self.denoising_steps = Counter("glideserve_denoising_steps", "Denoising steps of generated images, by "
+                                       "kind: full (every block) or cached (reused features)", ["kind"], registry=r)
         self.slo = Counter("glideserve_slo", "Completed requests that carried slo_ms, by outcome",
                            ["result"], registry=r)
         for result in ("met", "missed"):
@@ -72,6 +74,8 @@ class ServerMetrics:
 
     def observe_image(self, timings: RequestTimings) -> None:
         self.images.inc()
+        self.denoising_steps.labels(kind="full").inc(timings.full_steps)
+        self.denoising_steps.labels(kind="cached").inc(timings.cached_steps)
         self.queue_latency.observe(timings.queued_s)
         now = self._clock()
         self._image_times.append(now)

@@ -38,7 +38,7 @@ class ImageGenerationRequest(BaseModel):
     ``size`` is ``"WIDTHxHEIGHT"`` (or ``"auto"`` for the model's default); ``n``
     images use seeds ``seed, seed+1, ...``. Extension fields (``seed``,
     ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``sampler``,
-    ``slo_ms``, ``priority``) travel in the OpenAI client's ``extra_body``.
+    ``slo_ms``, ``priority``, ``cache``, ``latent_aware``) travel in the OpenAI client's ``extra_body``.
     Range checks that depend on the model (size multiple, sampler names) happen
     when the engine admits the request.
     """
@@ -70,13 +70,19 @@ class ImageGenerationRequest(BaseModel):
                                  description="higher is served first among equals: it orders best-effort "
                                              "requests (no slo_ms) and breaks ties between requests with equal "
                                              "deadlines or slack; it never overrides a deadline")
+    cache: str | None = Field(default=None, max_length=32,
+                              description="step-caching policy for this request: none (exact), glideserve:N, "
+                                          "fora:N, taylorseer:N, teacache:T or fbcache:T (default: the "
+                                          "server's --cache)")
+    latent_aware: bool | None = Field(default=None, description="latent-aware denoising (SD3 models; default: "
+                                                                "the server's --latent-aware)")
 
     @field_validator("prompt")
     @classmethod
     def _prompt_text(cls, value: str) -> str:
         return check_text(_require_utf8(value, "prompt"), "prompt", allow_empty=False)
 
-    @field_validator("negative_prompt", "user", "sampler", "model")
+    @field_validator("negative_prompt", "user", "sampler", "model", "cache")
     @classmethod
     def _utf8_text(cls, value: str | None, info) -> str | None:
         if value is None:
@@ -114,6 +120,8 @@ class ImageTimings(BaseModel):
     decode_s: float
     total_s: float
     steps: int
+    full_steps: int = Field(description="steps that ran every block")
+    cached_steps: int = Field(description="steps that reused the request's feature cache")
 
 
 class ResponseTimings(BaseModel):

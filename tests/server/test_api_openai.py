@@ -90,6 +90,10 @@ def test_stream_with_n_completes_every_image(openai_client):
     ({"extra_body": {"seed": -1}}, "seed"),
     ({"extra_body": {"sampler": "nope"}}, "sampler"),
     ({"extra_body": {"steps": 4}}, "steps"),
+    ({"extra_body": {"cache": "lru:2"}}, "cache"),
+    ({"extra_body": {"cache": "glideserve:0"}}, "cache"),
+    ({"extra_body": {"cache": 5}}, "cache"),
+    ({"extra_body": {"latent_aware": "yes"}}, "latent_aware"),
     ({"response_format": "jpeg"}, "response_format"),
 ])
 def test_client_mistakes_get_400_with_envelope(openai_client, kwargs, param):
@@ -228,3 +232,21 @@ def test_waiting_request_streams_its_queue_position(tiny_model):
     assert waiting["step"] == 0 and waiting["queue_position"] == 0
     steps = [e["step"] for e in rest if e["type"] == "image_generation.progress" and e["queue_position"] is None]
     assert steps == [1, 2, 3] and rest[-1]["type"] == "image_generation.completed"
+
+
+def test_cache_policy_per_request_shows_in_timings_and_metrics(server, openai_client):
+    def steps_metric(kind: str) -> float:
+        for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+            if line.startswith(f'glideserve_denoising_steps_total{{kind="{kind}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = steps_metric("cached")
+    cached = openai_client.images.generate(prompt="a cat", extra_body={"num_inference_steps": 6, "seed": 3,
+                                                                      "cache": "glideserve:2"})
+    exact = openai_client.images.generate(prompt="a cat", extra_body={"num_inference_steps": 6, "seed": 3})
+    timing = cached.model_extra["timings"]["images"][0]
+    assert (timing["full_steps"], timing["cached_steps"]) == (2, 4)
+    assert exact.model_extra["timings"]["images"][0]["cached_steps"] == 0
+    assert cached.data[0].b64_json != exact.data[0].b64_json  # the cache changes the image; none is exact
+    assert steps_metric("cached") - before == 4

@@ -6,8 +6,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from glideserve.cache.policy import CachePolicy, StepKind
 from glideserve.models.spec import ModelSpec
 from glideserve.params import GenerationParams
+from glideserve.runner.feature_cache import RowGroup
 from glideserve.runner.samplers import Sampler
 
 Cond = dict[str, torch.Tensor]  # conditioning tensors of one or more rows, batch dim first
@@ -46,6 +48,16 @@ class DenoiserFamily:
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         raise NotImplementedError
+
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
+                groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
+        """One forward over rows whose requests may take different step kinds; returns the
+        prediction and the kind each group took. Families without a cache take full steps."""
+        return self.forward(latents, timesteps, cond), [StepKind.FULL] * len(groups)
+
+    def cache_bytes(self, policy: CachePolicy, params: GenerationParams) -> int:
+        """Bytes the feature cache of one request with ``params`` holds under ``policy``."""
+        return 0
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from glideserve.cache.policy import CachePolicy, StepKind
+from glideserve.params import GenerationParams
 from glideserve.runner.families.base import Cond, DenoiserFamily
+from glideserve.runner.families.sd3_loop import SD3BlockLoop
+from glideserve.runner.feature_cache import RowGroup
+
+# Image-stream tensors of shape (rows, tokens, hidden) one request's cache holds, per policy;
+# FORA holds per block the attention and MLP outputs (and SD3.5's second attention).
+_CACHED_TENSORS = {"glideserve": 1, "taylorseer": 2, "teacache": 2, "fbcache": 2}
 
 
 class SD3Family(DenoiserFamily):
@@ -13,6 +21,7 @@ class SD3Family(DenoiserFamily):
     def __init__(self, *args, max_sequence_length: int = 256, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_sequence_length = max_sequence_length
+        self.loop = SD3BlockLoop(self.pipe.transformer)
 
     def encode(self, prompts: list[str]) -> list[Cond]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -22,7 +31,23 @@ class SD3Family(DenoiserFamily):
                 for i in range(len(prompts))]
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.pipe.transformer(hidden_states=latents, timestep=timesteps, return_dict=False, **cond)[0]
+        return self.loop(latents, timesteps, cond, [RowGroup(0, latents.shape[0], StepKind.FULL, None, 0)])[0]
+
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
+                groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
+        return self.loop(latents, timesteps, cond, groups)
+
+    def cache_bytes(self, policy: CachePolicy, params: GenerationParams) -> int:
+        if not policy.enabled:
+            return 0
+        config = self.pipe.transformer.config
+        hidden = config.num_attention_heads * config.attention_head_dim
+        per_tensor = (2 if params.uses_cfg else 1) * self.spec.tokens_per_row(params.height, params.width) \
+            * hidden * torch.finfo(self.dtype).bits // 8
+        if policy.kind == "fora":
+            blocks = self.pipe.transformer.transformer_blocks
+            return per_tensor * sum(3 if b.use_dual_attention else 2 for b in blocks)
+        return per_tensor * _CACHED_TENSORS[policy.kind]
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.pipe.vae.config
