@@ -42,6 +42,10 @@ class SchedulerConfig:
     progressive batching: at most that many caching requests take a full step per step,
     and at most ``full_slots`` x interval + 1 requests with a counter policy run at once
     (``None``: every request takes its full steps when its policy says).
+    ``min_full_fraction`` is the quality floor of the ``adaptive`` policy: under any
+    load, at least this fraction of an adaptive request's steps run every block, and
+    admission counts on it (requests are refused only if even that cannot keep them
+    on time).
     """
 
     max_batch_rows: int = 16
@@ -58,6 +62,7 @@ class SchedulerConfig:
     max_prefill_batch: int = 16
     cache_memory_mb: float = 1024.0
     full_slots: int | None = None
+    min_full_fraction: float = 0.34
 
     def __post_init__(self):
         for name in ("max_batch_rows", "max_latent_tokens", "max_waiting", "max_bypass_steps", "max_decode_batch",
@@ -81,6 +86,8 @@ class SchedulerConfig:
         if self.full_slots is not None and (isinstance(self.full_slots, bool) or not isinstance(self.full_slots, int)
                                             or self.full_slots < 1):
             raise ValueError(f"full_slots must be a positive integer or None, got {self.full_slots!r}")
+        if not 0.05 <= self.min_full_fraction <= 1:
+            raise ValueError(f"min_full_fraction must be in [0.05, 1], got {self.min_full_fraction!r}")
         if not 0 < self.best_effort_wait_s <= 86_400:
             raise ValueError(f"best_effort_wait_s must be in (0, 86400], got {self.best_effort_wait_s!r}")
 

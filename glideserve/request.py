@@ -37,7 +37,9 @@ class Request:
     Step caching: ``cache_policy`` is the request's resolved policy; ``cache_bytes``
     what its feature cache needs; ``cache_granted`` whether the memory ledger gave it
     (without it the request takes full steps only); ``cache_counter`` the counter of the
-    counter policies; ``full_steps``/``cached_steps`` count the kinds its steps took.
+    counter policies (for ``adaptive``, minus its cached streak); ``cache_drift`` the change
+    of its inputs measured since its last full step; ``full_steps``/``cached_steps`` count
+    the kinds its steps took.
     """
 
     request_id: str
@@ -61,6 +63,7 @@ class Request:
     cache_bytes: int = 0
     cache_granted: bool = False
     cache_counter: int = 0
+    cache_drift: float = 0.0
     full_steps: int = 0
     cached_steps: int = 0
 

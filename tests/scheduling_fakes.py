@@ -6,6 +6,7 @@ from typing import Callable
 
 from PIL import Image
 
+from glideserve.cache.policy import StepKind, parse_cache_policy
 from glideserve.params import GenerationParams
 from glideserve.request import Request
 from glideserve.scheduler.output import (DecodeTiming, FinishedImage, GroupTiming, RunnerOutput, SchedulerOutput,
@@ -52,13 +53,15 @@ class FakeRunner:
     """
 
     def __init__(self, clock: ManualClock | None = None, group_s: Callable[[int, int], float] = lambda t, r: 0.0,
-                 decode_s: float = 0.0):
+                 decode_s: float = 0.0, cached_share: float | None = None):
         self.states: dict[str, list] = {}  # id -> [steps_done, num_steps, params]
         self.plans: list[SchedulerOutput] = []
         self.steps_run: dict[str, int] = {}
         self.clock = clock
         self.group_s = group_s
         self.decode_s = decode_s
+        # With a share, rows the plan marks cached cost that fraction of a full row and are reported as cached.
+        self.cached_share = cached_share
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         self.plans.append(plan)
@@ -76,12 +79,19 @@ class FakeRunner:
             self.steps_run[rid] = self.steps_run.get(rid, 0) + 1
             out.stepped.append(rid)
             rows = 2 if state[2].uses_cfg else 1
-            group = groups.setdefault(tokens_of(state[2]), [0, 0])
+            group = groups.setdefault(tokens_of(state[2]), [0, 0, 0])
             group[0] += rows
             group[1] += 1
-        for tokens, (rows, requests) in groups.items():
-            seconds = self.group_s(tokens, rows)
-            out.timing.groups.append(GroupTiming(tokens, rows, requests, seconds))
+            if self.cached_share is not None:
+                kind = plan.step_kinds.get(rid, StepKind.FULL)
+                kind = StepKind.FULL if kind is StepKind.AUTO else kind
+                out.step_kinds[rid] = kind
+                group[2] += rows if kind is StepKind.CACHED else 0
+        for tokens, (rows, requests, cached) in groups.items():
+            full = rows - cached
+            seconds = (self.group_s(tokens, full) if full else 0.0) + cached * (self.cached_share or 0.0) \
+                * self.group_s(tokens, 1)
+            out.timing.groups.append(GroupTiming(tokens, rows, requests, seconds, cached))
             self._advance(seconds)
         decoded: dict[int, int] = {}
         for rid in plan.decode:
@@ -100,11 +110,11 @@ class FakeRunner:
 
 
 def make_request(rid: str, steps: int = 3, cfg: bool = True, size: int = 32, slo_ms: float | None = None,
-                 priority: int = 0, arrival: float = 0.0, prompt: str = "p") -> Request:
+                 priority: int = 0, arrival: float = 0.0, prompt: str = "p", cache: str = "none") -> Request:
     params = GenerationParams(prompt, num_inference_steps=steps, guidance_scale=5.0 if cfg else 1.0, seed=0,
-                              height=size, width=size, sampler="x", slo_ms=slo_ms, priority=priority)
+                              height=size, width=size, sampler="x", slo_ms=slo_ms, priority=priority, cache=cache)
     return Request(rid, params, num_steps=steps, rows=2 if cfg else 1, tokens_per_row=tokens_of(params),
-                   arrival_time=arrival)
+                   arrival_time=arrival, cache_policy=parse_cache_policy(cache), cache_bytes=100 if cache != "none" else 0)
 
 
 def linear_profile(per_row_s: float, fixed_s: float = 0.0, tokens: int = 16, max_rows: int = 64,

@@ -17,7 +17,7 @@ from glideserve.errors import InvalidRequestError
 from glideserve.request import Request
 from glideserve.runner.families.sd3_loop import SD3BlockLoop
 from glideserve.runner.feature_cache import FeatureCache, RowGroup
-from glideserve.scheduler.caching import plan_step_kinds, record_step_kind
+from glideserve.scheduler.caching import StepKindPlanner, record_step_kind
 from glideserve.scheduler.scheduler import Scheduler
 from tests.scheduling_fakes import FakeRunner
 
@@ -174,6 +174,10 @@ def test_cache_bytes_match_what_a_request_stores(tiny_sd3_dir):
 
 
 # -- scheduling of step kinds --------------------------------------------------------------
+def plan_step_kinds(scheduled, full_slots, full_fraction=1.0, floor=0.34):
+    return StepKindPlanner(full_slots, floor).plan(scheduled, full_fraction)
+
+
 def _request(rid: str, policy: str = "glideserve:2", steps: int = 10, granted: bool = True) -> Request:
     params = GenerationParams("p", num_inference_steps=steps, guidance_scale=2.0, seed=1, height=64, width=64,
                               request_id=rid, cache=policy)
@@ -327,9 +331,101 @@ def test_latent_aware_is_deterministic_per_seed_and_only_for_flow_models(tiny_sd
     results = _generate(engine, [GenerationParams("a red circle", latent_aware=True, request_id="a1", **base),
                                  GenerationParams("a red circle", latent_aware=True, request_id="a2", **base),
                                  GenerationParams("a red circle", request_id="n", **base)])
-    pixels = {k: torch.from_numpy(np.asarray(r.image)) for k, r in results.items()}
+    pixels = {k: torch.from_numpy(np.array(r.image)) for k, r in results.items()}
     assert torch.equal(pixels["a1"], pixels["a2"])
     assert not torch.equal(pixels["a1"], pixels["n"])
     unet = Engine.from_pretrained(tiny_sd15_dir)
     with pytest.raises(InvalidRequestError, match="flow-matching"):
         unet.add_request(GenerationParams("x", latent_aware=True))
+
+
+# -- the adaptive policy (fake runner, manual clock) ------------------------------------------
+PER_ROW_S = 0.01
+
+
+def _adaptive_setup(**config):
+    from tests.scheduling_fakes import ManualClock, linear_profile
+
+    config.setdefault("admission_margin", 0.0)
+    clock = ManualClock()
+    sched = Scheduler(SchedulerConfig(policy="slack", **config), clock=clock, profile=linear_profile(PER_ROW_S))
+    runner = FakeRunner(clock, group_s=lambda tokens, rows: rows * PER_ROW_S, cached_share=0.1)
+    return sched, runner, clock
+
+
+def _serve(sched, runner, clock, arrivals: dict[int, list[Request]], max_steps: int = 2000):
+    """Add requests at their step numbers, run until done; returns {id: (event, finish time)} and refusals."""
+    from glideserve.errors import SLOUnattainableError
+    from glideserve.outputs import RequestFailed
+
+    finals, refused = {}, []
+    for step in range(max_steps):
+        for req in arrivals.get(step, []):
+            req.arrival_time = clock.now
+            try:
+                sched.add_request(req)
+            except SLOUnattainableError:
+                refused.append(req.request_id)
+        if not sched.has_unfinished():
+            if step > max(arrivals):
+                break
+            clock.advance(0.01)
+            continue
+        plan = sched.schedule()
+        for event in sched.update(plan, runner.execute(plan)):
+            if isinstance(event, (GenerationResult, RequestFailed)):
+                finals[event.request_id] = (event, clock.now)
+    return finals, refused
+
+
+def _adaptive_requests(n: int, slo_ms: float, cache: str = "adaptive") -> list[Request]:
+    from tests.scheduling_fakes import make_request
+
+    return [make_request(f"r{i}", steps=10, slo_ms=slo_ms, cache=cache) for i in range(n)]
+
+
+def test_adaptive_is_exact_at_low_load():
+    sched, runner, clock = _adaptive_setup()
+    requests = _adaptive_requests(3, slo_ms=5000)
+    finals, refused = _serve(sched, runner, clock, {0: requests[:1], 40: requests[1:2], 80: requests[2:]})
+    assert not refused
+    for rid, (event, _) in finals.items():
+        assert (event.timings.full_steps, event.timings.cached_steps) == (10, 0), rid
+    assert sched.full_fraction == 1.0
+
+
+def test_adaptive_caches_under_overload_to_keep_deadlines_never_below_the_floor():
+    # 8 guided requests of 10 steps fill a 16-row batch: 0.16 s a full step, 1.6 s all full, past a 1 s SLO.
+    sched, runner, clock = _adaptive_setup(min_full_fraction=0.34)
+    finals, refused = _serve(sched, runner, clock, {0: _adaptive_requests(8, slo_ms=1000)})
+    assert not refused and len(finals) == 8
+    for rid, (event, finish) in finals.items():
+        assert isinstance(event, GenerationResult), rid
+        assert finish <= 1.0 + 1e-6, (rid, finish)
+        t = event.timings
+        assert t.cached_steps > 0 and t.full_steps / t.steps >= 0.34, (rid, t)
+    # Without caching the same load is refused in part: caching buys deadlines, not just speed.
+    sched, runner, clock = _adaptive_setup()
+    _, refused_exact = _serve(sched, runner, clock, {0: _adaptive_requests(8, slo_ms=1000, cache="none")})
+    assert refused_exact
+
+
+def test_adaptive_never_takes_more_cached_steps_in_a_row_than_the_floor_allows():
+    planner = StepKindPlanner(None, min_full_fraction=0.25)  # at most 3 cached steps in a row
+    req = _request("a", "adaptive", steps=40)
+    streak = longest = 0
+    for _ in range(40):
+        kind = planner.plan([req], full_fraction=0.0)["a"]
+        streak = streak + 1 if kind is CACHED else 0
+        longest = max(longest, streak)
+        record_step_kind(req, kind, 0.01)
+        req.steps_done += 1
+    assert longest == 3 and req.full_steps == 10
+
+
+def test_adaptive_gives_full_steps_to_the_requests_whose_inputs_changed_most():
+    calm, busy = _request("calm", "adaptive"), _request("busy", "adaptive")
+    for r, drift in ((calm, 0.05), (busy, 0.4)):
+        r.steps_done, r.cache_counter, r.cache_drift = 3, -1, drift
+    kinds = StepKindPlanner(None, 0.2).plan([calm, busy], full_fraction=0.5)
+    assert kinds == {"busy": FULL, "calm": CACHED}

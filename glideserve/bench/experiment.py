@@ -114,12 +114,14 @@ def open_target(target: Target, log_dir: Path):
 def run_system(target: Target, workloads: list[Workload], prompts: list[str], template: RequestTemplate, *,
                slo: SloPolicy, timeout_s: float, log_dir: Path,
                reference_isolated_s: dict[str, float | None] | None = None, flops_per_image: float | None = None,
-               peak_flops: float | None = None, cooldown_s: float = 2.0, log=print) -> list[RunResult]:
+               peak_flops: float | None = None, cooldown_s: float = 2.0, keep_images: bool = False,
+               log=print) -> list[RunResult]:
     """Run each workload on one system in order; see the module docstring.
 
     ``reference_isolated_s`` maps each request class (see ``RequestTemplate.classes``)
     to the isolated latency its SLO is relative to; ``None`` uses this system's own
-    (the first system of a comparison).
+    (the first system of a comparison). ``keep_images`` keeps each returned PNG on its
+    record, for scoring after the run.
     """
     results = []
     name = target.label
@@ -142,7 +144,7 @@ def run_system(target: Target, workloads: list[Workload], prompts: list[str], te
                 f"{workload.schedule.span_s:.1f} s{offered}")
             cpu_before = server.cpu_seconds() if server else None
             records = asyncio.run(run_open_loop(url, workload.schedule, prompts, template, slo_s=slo_s,
-                                                timeout_s=timeout_s))
+                                                timeout_s=timeout_s, keep_images=keep_images))
             cpu = server.cpu_seconds() - cpu_before if server else None
             summary = summarize(records, offered_rate=workload.offered_rate, flops_per_image=flops_per_image,
                                 peak_flops=peak_flops, cpu_seconds=cpu)

@@ -10,6 +10,7 @@ unbounded for the same reason.
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import statistics
 import time
@@ -123,8 +124,9 @@ def _server_timings(body: dict) -> tuple[dict, dict]:
 
 
 async def send_one(client: httpx.AsyncClient, url: str, body: dict, record: RequestRecord, t0: float,
-                   timeout_s: float) -> RequestRecord:
-    """Send one request and fill ``record`` with when it left, when it ended and how."""
+                   timeout_s: float, keep_image: bool = False) -> RequestRecord:
+    """Send one request and fill ``record`` with when it left, when it ended and how
+    (with ``keep_image``, also the returned PNG, for scoring after the run)."""
     record.sent_s = time.monotonic() - t0
     try:
         async with asyncio.timeout(timeout_s):
@@ -155,6 +157,11 @@ async def send_one(client: httpx.AsyncClient, url: str, body: dict, record: Requ
     timings, image_timings = _server_timings(payload)
     record.queued_s = _float_or_none(image_timings.get("queued_s"))
     record.server_total_s = _float_or_none(timings.get("total_s"))
+    for name in ("full_steps", "cached_steps"):
+        value = image_timings.get(name)
+        setattr(record, name, value if isinstance(value, int) and not isinstance(value, bool) else None)
+    if keep_image:
+        record.image = await asyncio.to_thread(base64.b64decode, data[0]["b64_json"])
     late = record.slo_s is not None and record.latency_s > record.slo_s
     record.status = LATE if late else ON_TIME
     return record
@@ -184,7 +191,7 @@ async def _warm_up(client: httpx.AsyncClient, url: str) -> None:
 
 async def run_open_loop(url: str, schedule: Schedule, prompts: list[str], template: RequestTemplate, *,
                         slo_s: float | None | Mapping[str, float | None], timeout_s: float,
-                        client: httpx.AsyncClient | None = None) -> list[RequestRecord]:
+                        client: httpx.AsyncClient | None = None, keep_images: bool = False) -> list[RequestRecord]:
     """Send every request of ``schedule`` at its time and wait for all of them to end.
 
     Request ``i`` takes prompt ``prompt_ids[i]`` of a trace (modulo the number of
@@ -206,14 +213,16 @@ async def run_open_loop(url: str, schedule: Schedule, prompts: list[str], templa
             request_template = template.for_index(i)
             label = request_template.class_label
             request_slo = slo_s.get(label) if isinstance(slo_s, Mapping) else slo_s
+            prompt = prompts[prompt_id % len(prompts)]
+            body = request_template.body(prompt, i, request_slo)
             record = RequestRecord(index=i, prompt_id=prompt_id, scheduled_s=offset, status=DROPPED,
-                                   slo_s=request_slo, workload_class=label)
+                                   slo_s=request_slo, workload_class=label, prompt=prompt, seed=body["seed"],
+                                   steps=request_template.num_inference_steps, size=request_template.size or "")
             records.append(record)
-            body = request_template.body(prompts[prompt_id % len(prompts)], i, request_slo)
             delay = t0 + offset - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send_one(client, url, body, record, t0, timeout_s)))
+            tasks.append(asyncio.create_task(send_one(client, url, body, record, t0, timeout_s, keep_images)))
         await asyncio.gather(*tasks)
     finally:
         for task in tasks:

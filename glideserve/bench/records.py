@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ON_TIME = "on_time"
@@ -30,7 +30,12 @@ class RequestRecord:
     ``completed`` is true when an image came back, late or not. ``queued_s`` (the
     image's) and ``server_total_s`` (the request's) are copied from the timing block of
     the server's response when it has one. ``workload_class`` names the request's class
-    in a mixed workload (e.g. ``20 steps 64x64``), empty otherwise.
+    in a mixed workload (e.g. ``20 steps 64x64``), empty otherwise. ``prompt``, ``seed``,
+    ``steps`` (None: the server's default) and ``size`` (empty: the default) say what
+    was asked; ``full_steps`` and
+    ``cached_steps`` are copied from the image's timings. With image scoring on,
+    ``image`` holds the returned PNG (never written to CSV), ``judge_correct`` the toy
+    judge's verdict and ``ssim`` the SSIM against the exact engine's image.
     """
 
     index: int
@@ -47,6 +52,15 @@ class RequestRecord:
     error: str = ""
     error_code: str = ""
     workload_class: str = ""
+    prompt: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    size: str = ""
+    full_steps: int | None = None
+    cached_steps: int | None = None
+    judge_correct: bool | None = None
+    ssim: float | None = None
+    image: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -72,7 +86,7 @@ class RequestRecord:
         return None if self.sent_s is None else self.sent_s - self.scheduled_s
 
 
-_FIELDS = [f.name for f in dataclasses.fields(RequestRecord)]
+_FIELDS = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "image"]
 _CSV_FIELDS = _FIELDS + ["latency_s"]
 
 
@@ -82,7 +96,7 @@ def write_records_csv(path: str | Path, records: list[RequestRecord]) -> None:
         writer = csv.DictWriter(fh, fieldnames=_CSV_FIELDS)
         writer.writeheader()
         for rec in records:
-            row = dataclasses.asdict(rec)
+            row = {name: getattr(rec, name) for name in _FIELDS}
             row["latency_s"] = rec.latency_s
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
 
@@ -99,6 +113,8 @@ def read_records_csv(path: str | Path) -> list[RequestRecord]:
                 kind = types[name]
                 if raw == "" and "None" in kind:
                     values[name] = None
+                elif kind.startswith("bool"):
+                    values[name] = raw == "True"
                 elif kind.startswith("int"):
                     values[name] = int(raw)
                 elif kind.startswith("float"):

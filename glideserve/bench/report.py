@@ -72,10 +72,26 @@ def class_rows(label: str, summary: dict) -> list[list[str]]:
             for name, c in summary.get("by_class", {}).items()]
 
 
+QUALITY_COLUMNS = ["system", "images scored", "correct and on time", "correct goodput (img/min)",
+                   "judge accuracy of served", "mean SSIM vs exact", "min SSIM", "cached steps"]
+
+
+def quality_row(label: str, q: dict) -> list[str]:
+    return [label, str(q["scored_images"]), str(q["correct_on_time"]), fmt(q["correct_goodput_img_per_min"], 1),
+            fmt(q["judge_accuracy_served"], 3), fmt(q["mean_ssim_vs_exact"], 3), fmt(q["min_ssim_vs_exact"], 3),
+            fmt(q["cached_step_share"], 1, percent=True)]
+
+
 def load_markdown(summaries: dict[str, dict], title: str = "") -> str:
-    """Systems side by side for one load, then per-class rows of a mixed workload; notes follow."""
+    """Systems side by side for one load, then the served images' quality (when scored) and the
+    per-class rows of a mixed workload; notes follow."""
     rows = [load_row(system, summary) for system, summary in summaries.items()]
     text = (f"## {title}\n\n" if title else "") + markdown_table(LOAD_COLUMNS, rows)
+    scored = [quality_row(system, s["quality"]) for system, s in summaries.items() if s.get("quality")]
+    if scored:
+        text += ("\nServed images against the exact engine (judge: the toy task's; correct goodput counts "
+                 "on-time images the judge reads right):\n\n")
+        text += markdown_table(QUALITY_COLUMNS, scored)
     per_class = [row for system, summary in summaries.items() for row in class_rows(system, summary)]
     if per_class:
         text += "\nBy request class (each class's SLO scales its own isolated latency):\n\n"

@@ -21,6 +21,12 @@ policy and statistics; no decision is pooled over the batch.
   last two full steps by a first-order Taylor expansion in the step index.
 - ``deepcache:N``: DeepCache for UNets: a full step stores the input of the
   outermost up block; the next N steps run only the outermost down and up blocks.
+- ``adaptive``: the scheduler decides every step which requests compute fully:
+  all of them while the latency profile says every deadline holds (exact at low
+  load); under load just enough cached steps to keep deadlines, never more than the
+  quality floor allows, given to the requests whose inputs changed least since their
+  last full step (TeaCache's indicator, measured per request). A cached step reuses
+  the last block's output as ``glideserve:N`` does.
 
 Counter policies (``glideserve``, ``fora``, ``taylorseer``, ``deepcache``) are decided
 by the scheduler, which may also spend full-step slots (progressive batching);
@@ -39,7 +45,8 @@ from glideserve.errors import InvalidRequestError
 
 COUNTER_POLICIES = ("glideserve", "fora", "taylorseer", "deepcache")
 THRESHOLD_POLICIES = ("teacache", "fbcache")
-POLICY_KINDS = ("none", *COUNTER_POLICIES, *THRESHOLD_POLICIES)
+ADAPTIVE = "adaptive"
+POLICY_KINDS = ("none", *COUNTER_POLICIES, *THRESHOLD_POLICIES, ADAPTIVE)
 MAX_INTERVAL = 50
 MAX_THRESHOLD = 10.0
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?|\.[0-9]+")
@@ -67,7 +74,17 @@ class CachePolicy:
 
     @property
     def scheduler_decides(self) -> bool:
-        return self.kind in COUNTER_POLICIES
+        return self.kind in COUNTER_POLICIES or self.kind == ADAPTIVE
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.kind == ADAPTIVE
+
+    def full_fraction(self) -> float | None:
+        """Fraction of steps that run every block, when the policy fixes it (counter policies)."""
+        if self.kind in COUNTER_POLICIES:
+            return 1.0 / (self.interval + 1)
+        return 1.0 if self.kind == "none" else None
 
     def __str__(self) -> str:
         if self.kind in COUNTER_POLICIES:
@@ -81,19 +98,19 @@ NO_CACHE = CachePolicy()
 
 
 def parse_cache_policy(text: object, field: str = "cache") -> CachePolicy:
-    """Parse ``none``, ``glideserve:N``, ``fora:N``, ``taylorseer:N``, ``deepcache:N`` (N in
+    """Parse ``none``, ``adaptive``, ``glideserve:N``, ``fora:N``, ``taylorseer:N``, ``deepcache:N`` (N in
     1..50), ``teacache:T`` or ``fbcache:T`` (T in (0, 10]); raise InvalidRequestError otherwise."""
     if not isinstance(text, str):
         raise InvalidRequestError(f"{field} must be a string such as 'none' or 'glideserve:5'", field)
     kind, sep, arg = text.strip().partition(":")
     kind = kind.lower()
     if kind not in POLICY_KINDS:
-        raise InvalidRequestError(f"unknown cache policy {text!r}; choose one of none, glideserve:N, fora:N, "
-                                  "taylorseer:N, deepcache:N, teacache:T, fbcache:T", field)
-    if kind == "none":
+        raise InvalidRequestError(f"unknown cache policy {text!r}; choose one of none, adaptive, glideserve:N, "
+                                  "fora:N, taylorseer:N, deepcache:N, teacache:T, fbcache:T", field)
+    if kind in ("none", ADAPTIVE):
         if sep:
-            raise InvalidRequestError("cache policy 'none' takes no parameter", field)
-        return NO_CACHE
+            raise InvalidRequestError(f"cache policy {kind!r} takes no parameter", field)
+        return NO_CACHE if kind == "none" else CachePolicy(ADAPTIVE)
     if kind in COUNTER_POLICIES:
         if not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= MAX_INTERVAL:
             raise InvalidRequestError(f"{kind} needs an interval in 1..{MAX_INTERVAL}, as in '{kind}:5'; "

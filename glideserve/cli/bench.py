@@ -172,12 +172,21 @@ def _peak(enabled: bool) -> float | None:
     return peak
 
 
-def _run_all(targets, workloads, prompts, template, slo, timeout_s, out, flops, peak):
+def _run_all(targets, workloads, prompts, template, slo, timeout_s, out, flops, peak, keep_images=False, model=None):
     from glideserve.bench.experiment import run_systems
     from glideserve.bench.records import write_records_csv
 
     results = run_systems(targets, workloads, prompts, template, slo=slo, timeout_s=timeout_s, log_dir=out,
-                          flops_per_image=flops, peak_flops=peak, log=typer.echo)
+                          flops_per_image=flops, peak_flops=peak, keep_images=keep_images, log=typer.echo)
+    if keep_images:  # after every server has stopped: the reference engine has the CPU to itself
+        from glideserve.bench.served_quality import ExactReferences, quality_figures, score_served_images
+
+        typer.echo("scoring served images against the exact engine ...")
+        references = ExactReferences(model)
+        for runs in results.values():
+            for run in runs:
+                score_served_images(run.records, references)
+                run.summary["quality"] = quality_figures(run.records, run.summary["wall_s"])
     for system, runs in results.items():
         for run in runs:
             folder = out / system / run.workload if len(workloads) > 1 else out / system
@@ -199,7 +208,10 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
              steps_mix: StepsMixOpt = None, size_mix: SizeMixOpt = None,
              seed: SeedOpt = 0, slo_ms: SloMsOpt = None, slo_scale: SloScaleOpt = 4.0, isolated: IsolatedOpt = 3,
              timeout_s: TimeoutOpt = 300.0, flops_per_image: FlopsOpt = None, count_flops: CountFlopsOpt = True,
-             peak: PeakOpt = True, out: OutOpt = None, ready_timeout: ReadyOpt = 600.0) -> None:
+             peak: PeakOpt = True, out: OutOpt = None, ready_timeout: ReadyOpt = 600.0,
+             score_images: Annotated[bool, typer.Option(
+                 help="Keep every returned image; after the run, read toy captions with the judge and compare "
+                      "each image with the exact engine's (SSIM). Needs --model.")] = False) -> None:
         """Open-loop load on one or more systems; writes per-request CSVs, summary.json, report.md and plots."""
         from glideserve.bench import plots
         from glideserve.bench.arrivals import make_schedule
@@ -218,8 +230,10 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
             out_dir = _out_dir(out, "load")
             offered = _offered_rate(arrival, schedule, rate, duration, burst_size, burst_interval)
             flops = _flops(flops_per_image, count_flops, model, template)
+            if score_images and model is None:
+                raise ValueError("--score-images needs --model: the exact engine makes the reference images")
             results = _run_all(targets, [Workload(arrival, schedule, offered)], prompt_list, template, slo,
-                               timeout_s, out_dir, flops, _peak(peak))
+                               timeout_s, out_dir, flops, _peak(peak), keep_images=score_images, model=model)
         except _USER_ERRORS as exc:
             _fail(exc)
         summaries = {name: runs[0].summary for name, runs in results.items()}

@@ -120,7 +120,7 @@ def pipeline_family(pipe) -> str:
     return _PIPELINE_FAMILIES[name]
 
 
-_CACHE_POLICIES = {"sd3": ("none", "glideserve", "fora", "taylorseer", "teacache", "fbcache")}
+_CACHE_POLICIES = {"sd3": ("none", "adaptive", "glideserve", "fora", "taylorseer", "teacache", "fbcache")}
 
 
 def spec_from_pipeline(pipe, name: str, defaults: dict | None = None) -> ModelSpec:

@@ -117,6 +117,8 @@ class ModelRunner:
             offset = 0
             for s, kind in zip(states, kinds):
                 out.step_kinds[s.request_id] = kind
+                if s.cache is not None and "change" in s.cache.stats:
+                    out.cache_change[s.request_id] = s.cache.stats["change"]
                 pred = noise[offset:offset + s.rows]
                 offset += s.rows
                 if s.params.uses_cfg:

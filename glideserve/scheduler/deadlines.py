@@ -16,6 +16,9 @@ from glideserve.request import Request
 from glideserve.scheduler.profile import LatencyProfile
 from glideserve.scheduler.simulate import TOLERANCE_S, SimEntry, SimResult, joining_harms, simulate
 
+# Fractions of full steps the adaptive policy tries, most exact first, before falling to the floor.
+FULL_FRACTIONS = (1.0, 0.8, 0.65, 0.5, 0.4)
+
 
 @dataclass(frozen=True)
 class AdmissionVerdict:
@@ -49,23 +52,57 @@ class DeadlinePlanner:
             return None
         return request.deadline + factor * request.slo_s
 
+    def cost_share(self, request: Request, adaptive_fraction: float | None = None) -> float:
+        """Average fraction of a full step's cost the request's rows pay per step: 1 without a cache;
+        with one, its full-step fraction (``adaptive_fraction`` for ``adaptive``, by default the quality
+        floor: what the request needs at the most caching allowed) plus the cached steps' small share."""
+        policy = request.cache_policy
+        if not policy.enabled or (request.steps_done > 0 and not request.cache_granted):
+            return 1.0
+        if policy.is_adaptive:
+            full = self.config.min_full_fraction if adaptive_fraction is None else adaptive_fraction
+        else:
+            full = policy.full_fraction()
+        if full is None:  # threshold policies decide from the images: assume nothing is saved
+            return 1.0
+        return full + (1.0 - full) * self.profile.cached_row_share
+
     def _entries(self, running: Sequence[Request], queue: Sequence[Request], prefilled: set[str],
-                 drops: bool, exempt: str | None = None) -> list[SimEntry]:
+                 drops: bool, exempt: str | None = None, adaptive_fraction: float | None = None) -> list[SimEntry]:
         def entry(r: Request, is_running: bool) -> SimEntry:
             drop = self.drop_after(r) if drops and r.request_id != exempt else None
             # A prompt encoded ahead of its turn is in the runner's cache: joining costs next to nothing.
             return SimEntry(r.request_id, r.rows, r.tokens_per_row, r.remaining_steps, running=is_running,
                             prefilled=is_running or r.request_id in prefilled or r.prefetched, drop_after=drop,
-                            deadline=r.deadline, holds=r.effective_deadline is None)
+                            deadline=r.deadline, holds=r.effective_deadline is None,
+                            cost_share=self.cost_share(r, adaptive_fraction))
 
         return [entry(r, True) for r in running] + [entry(r, False) for r in queue]
 
     def predict(self, now: float, running: Sequence[Request], queue: Sequence[Request],
-                prefilled: set[str] = frozenset(), drops: bool = False, exempt: str | None = None) -> SimResult:
-        """Finish times if ``running`` keep stepping and ``queue`` joins in order."""
+                prefilled: set[str] = frozenset(), drops: bool = False, exempt: str | None = None,
+                adaptive_fraction: float | None = None) -> SimResult:
+        """Finish times if ``running`` keep stepping and ``queue`` joins in order (``adaptive`` requests
+        at ``adaptive_fraction`` full steps; by default at the quality floor)."""
         c = self.config
-        return simulate(now, self._entries(running, queue, prefilled, drops, exempt), self.profile,
-                        c.max_batch_rows, c.max_latent_tokens)
+        return simulate(now, self._entries(running, queue, prefilled, drops, exempt, adaptive_fraction),
+                        self.profile, c.max_batch_rows, c.max_latent_tokens)
+
+    def full_fraction(self, now: float, running: Sequence[Request], queue: Sequence[Request],
+                      prefilled: set[str] = frozenset()) -> float:
+        """The largest fraction of full steps for ``adaptive`` requests that keeps on time every request
+        that the most caching allowed (the quality floor) would keep on time: 1 (exact) unless load needs less."""
+        floor = self.config.min_full_fraction
+        at_floor = self.predict(now, running, queue, prefilled, adaptive_fraction=floor)
+        protected = [r for r in (*running, *queue) if r.deadline is not None
+                     and at_floor.finish.get(r.request_id, math.inf) <= r.deadline + TOLERANCE_S]
+        for fraction in FULL_FRACTIONS:
+            if fraction <= floor:
+                break
+            trial = self.predict(now, running, queue, prefilled, adaptive_fraction=fraction)
+            if all(trial.finish.get(r.request_id, math.inf) <= r.deadline + TOLERANCE_S for r in protected):
+                return fraction
+        return floor
 
     # -- decisions ----------------------------------------------------------------------
     def admission(self, now: float, request: Request, running: Sequence[Request], queue: Sequence[Request],

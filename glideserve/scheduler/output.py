@@ -112,7 +112,8 @@ class RunnerOutput:
     id; ``failed``: error messages by id (their runner state is already released);
     ``previews``: low-resolution images of the predicted clean image, for requests that
     asked; ``timing``: seconds per stage and per forward group; ``step_kinds``: the kind
-    (full or cached) each stepped request's step actually took.
+    (full or cached) each stepped request's step actually took; ``cache_change``: for
+    requests whose policy measures it, the relative change of their inputs at this step.
     """
 
     stepped: list[str] = field(default_factory=list)
@@ -121,3 +122,4 @@ class RunnerOutput:
     previews: dict[str, Image.Image] = field(default_factory=dict)
     timing: StageTiming = field(default_factory=StageTiming)
     step_kinds: dict[str, StepKind] = field(default_factory=dict)
+    cache_change: dict[str, float] = field(default_factory=dict)

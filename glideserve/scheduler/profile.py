@@ -111,7 +111,9 @@ class LatencyProfile:
     per-request sampler updates); ``decode[tokens]`` maps images to the seconds of one
     batched VAE decode; ``prefill`` maps new requests to the seconds of their batched
     prefill; ``overhead_s`` is what a step costs besides those (scheduling, bookkeeping),
-    learned online only. ``alpha`` is the EWMA weight of each new observation (see
+    learned online only. ``cached_row_share`` is what a row taking a cached step costs
+    as a fraction of a full row (learned online from groups that mixed both; a first
+    guess until then). ``alpha`` is the EWMA weight of each new observation (see
     SHAPE_SHARE for how it splits between a curve's level and its shape). An empty
     profile predicts 0 s (it learns from the first real steps).
     """
@@ -121,6 +123,7 @@ class LatencyProfile:
     prefill: PiecewiseLinear = field(default_factory=PiecewiseLinear)
     alpha: float = 0.1
     overhead_s: float = 0.0
+    cached_row_share: float = 0.1
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
@@ -157,6 +160,15 @@ class LatencyProfile:
     def observe_decode(self, tokens_per_row: int, images: int, seconds: float) -> None:
         if images:
             _observe(self.decode, tokens_per_row, images, seconds, self.alpha)
+
+    def observe_cached_group(self, tokens_per_row: int, rows: int, cached_rows: int, seconds: float) -> None:
+        """A forward in which ``cached_rows`` of ``rows`` took cached steps: learn their cost share."""
+        full = rows - cached_rows
+        base = self.group_s(tokens_per_row, full) if full else 0.0
+        marginal = self.group_s(tokens_per_row, rows) - base
+        if marginal > 0:
+            share = min(1.0, max(0.0, (seconds - base) / marginal))
+            self.cached_row_share += self.alpha * (share - self.cached_row_share)
 
     def observe_overhead(self, seconds: float) -> None:
         self.overhead_s += self.alpha * (max(0.0, seconds) - self.overhead_s)

@@ -32,7 +32,7 @@ from glideserve.config import SchedulerConfig
 from glideserve.errors import InvalidRequestError, QueueFullError, SLOUnattainableError
 from glideserve.outputs import EngineEvent, GenerationResult, Queued, RequestFailed, RequestTimings, StepProgress
 from glideserve.request import Request, RequestStatus
-from glideserve.scheduler.caching import plan_step_kinds, record_step_kind
+from glideserve.scheduler.caching import StepKindPlanner, record_step_kind
 from glideserve.scheduler.deadlines import DeadlinePlanner
 from glideserve.scheduler.memory import MemoryLedger
 from glideserve.scheduler.output import NewRequestData, RunnerOutput, SchedulerOutput
@@ -65,6 +65,8 @@ class Scheduler:
         self.planner = DeadlinePlanner(self.profile, config)
         self.counters = SchedulerCounters()
         self.memory = MemoryLedger(int(config.cache_memory_mb * 2**20))
+        self.step_kinds = StepKindPlanner(config.full_slots, config.min_full_fraction)
+        self.full_fraction = 1.0  # the adaptive policy's share of full steps at the last step
         self._waiting: list[Request] = []
         self._running: dict[str, Request] = {}  # denoising, holding batch rows
         self._paused: dict[str, Request] = {}
@@ -137,11 +139,12 @@ class Scheduler:
         decode = self._decode_now(now, scheduled, saturated=bool(still_waiting) or full)
         ahead = self._encode_ahead(still_waiting, self.config.max_prefill_batch - len(new)) if new else ()
         freed, self._to_free = tuple(self._to_free), []
+        self.full_fraction = self._full_fraction(now, scheduled, still_waiting)
         return SchedulerOutput(
             new_requests=tuple(new), scheduled=tuple(r.request_id for r in scheduled), freed=freed,
             decode=decode, encode_ahead=ahead, preempted=tuple(r.request_id for r in preempted),
             resumed=tuple(r.request_id for r in resumed),
-            step_kinds=plan_step_kinds(scheduled, self.config.full_slots), num_rows=sum(r.rows for r in scheduled),
+            step_kinds=self.step_kinds.plan(scheduled, self.full_fraction), num_rows=sum(r.rows for r in scheduled),
             num_tokens=sum(r.cost_tokens for r in scheduled))
 
     def _admit(self, now: float, members: list[Request], candidates: list[Request]
@@ -186,6 +189,13 @@ class Scheduler:
             for b in blocked:
                 b.bypassed_steps += 1
         return new, resumed
+
+    def _full_fraction(self, now: float, scheduled: list[Request], waiting: list[Request]) -> float:
+        """Share of full steps for ``adaptive`` requests: 1 (exact) unless deadlines need caching;
+        deadline-blind policies never cache for load."""
+        if not self.policy.deadline_aware or not any(r.cache_policy.is_adaptive for r in scheduled):
+            return 1.0
+        return self.planner.full_fraction(now, scheduled, waiting, set(self._paused))
 
     def _progressive_batch_full(self, members: list[Request], cand: Request) -> bool:
         """GlideServe's bound with ``full_slots``: at most slots x interval + 1 counter-policy requests run."""
@@ -277,7 +287,7 @@ class Scheduler:
             req = self._running.get(rid)
             if req is None:
                 continue
-            record_step_kind(req, result.step_kinds.get(rid, StepKind.FULL))
+            record_step_kind(req, result.step_kinds.get(rid, StepKind.FULL), result.cache_change.get(rid))
             req.steps_done += 1
             req.first_step_time = req.first_step_time or now
             req.last_step_time = now
@@ -318,6 +328,8 @@ class Scheduler:
             # and learning from it would make full-step predictions optimistic.
             if group.cached_rows == 0:
                 self.profile.observe_group(group.tokens_per_row, group.rows, group.seconds)
+            else:
+                self.profile.observe_cached_group(group.tokens_per_row, group.rows, group.cached_rows, group.seconds)
         for decode in timing.decodes:
             self.profile.observe_decode(decode.tokens_per_row, decode.images, decode.seconds)
         self.profile.observe_prefill(timing.prefill_requests, timing.prefill_s)

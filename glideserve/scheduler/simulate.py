@@ -31,6 +31,8 @@ class SimEntry:
     this, the simulation drops it (it takes no capacity) and reports it. ``deadline``
     is protected from ``holds`` entries: those (best-effort requests) join only if no
     running entry with a deadline turns late, as the scheduler's own rule says.
+    ``cost_share`` is the fraction of a full row's step cost its rows pay on average
+    (below 1 for requests that take cached steps); the budget still counts whole rows.
     """
 
     request_id: str
@@ -42,10 +44,16 @@ class SimEntry:
     drop_after: float | None = None
     deadline: float | None = None
     holds: bool = False
+    cost_share: float = 1.0
 
     @property
     def cost_tokens(self) -> int:
         return self.rows * self.tokens_per_row
+
+    @property
+    def step_rows(self) -> float:
+        """Rows as the step time sees them: whole rows scaled by the cost share."""
+        return self.rows * self.cost_share
 
 
 @dataclass
@@ -60,11 +68,9 @@ def joining_harms(t: float, members: list[tuple[SimEntry, int]], candidate: SimE
                   profile: LatencyProfile) -> bool:
     """Would ``candidate`` joining ``members`` (entries with their steps left) at time ``t``
     turn a member with a deadline late? Myopic: the batch is taken as it is now."""
-    groups: dict[int, int] = {}
-    for e, _ in members:
-        groups[e.tokens_per_row] = groups.get(e.tokens_per_row, 0) + e.rows
+    groups = _groups(members)
     current = profile.step_s(groups.items())
-    groups[candidate.tokens_per_row] = groups.get(candidate.tokens_per_row, 0) + candidate.rows
+    groups[candidate.tokens_per_row] = groups.get(candidate.tokens_per_row, 0) + candidate.step_rows
     trial = profile.step_s(groups.items())
     for e, left in members:
         if e.deadline is not None:
@@ -74,10 +80,10 @@ def joining_harms(t: float, members: list[tuple[SimEntry, int]], candidate: SimE
     return False
 
 
-def _groups(active: list[list]) -> dict[int, int]:
-    groups: dict[int, int] = {}
+def _groups(active) -> dict[int, float]:
+    groups: dict[int, float] = {}
     for entry, _ in active:
-        groups[entry.tokens_per_row] = groups.get(entry.tokens_per_row, 0) + entry.rows
+        groups[entry.tokens_per_row] = groups.get(entry.tokens_per_row, 0) + entry.step_rows
     return groups
 
 
@@ -118,7 +124,7 @@ def simulate(now: float, entries: list[SimEntry], profile: LatencyProfile, max_r
                 continue
             if e.drop_after is not None:
                 trial = _groups(active)
-                trial[e.tokens_per_row] = trial.get(e.tokens_per_row, 0) + e.rows
+                trial[e.tokens_per_row] = trial.get(e.tokens_per_row, 0) + e.step_rows
                 start = t + profile.prefill_s(joined + (not e.prefilled))
                 if start + e.remaining * profile.step_s(trial.items()) \
                         + profile.decode_s(e.tokens_per_row, 1) > e.drop_after + TOLERANCE_S:

@@ -12,7 +12,7 @@ from glideserve.runner.feature_cache import RowGroup
 
 # Image-stream tensors of shape (rows, tokens, hidden) one request's cache holds, per policy;
 # FORA holds per block the attention and MLP outputs (and SD3.5's second attention).
-_CACHED_TENSORS = {"glideserve": 1, "taylorseer": 2, "teacache": 2, "fbcache": 2}
+_CACHED_TENSORS = {"glideserve": 1, "taylorseer": 2, "teacache": 2, "fbcache": 2, "adaptive": 2}
 
 
 class SD3Family(DenoiserFamily):

@@ -85,8 +85,10 @@ class SD3BlockLoop:
         temb = model.time_text_embed(timesteps, cond["pooled_projections"])
         kinds = [g.kind if g.cache is not None and g.cache.ready else FULL for g in groups]
         for i, g in enumerate(groups):
-            if g.policy_kind == "teacache":
-                kinds[i] = self._teacache(g, kinds[i], hidden0[g.start:g.stop], temb[g.start:g.stop])
+            if g.policy_kind in ("teacache", "adaptive"):
+                change = self._input_change(g, hidden0[g.start:g.stop], temb[g.start:g.stop])
+                if g.policy_kind == "teacache":
+                    kinds[i] = self._teacache(g, kinds[i], change)
         finals: list[torch.Tensor | None] = [None] * len(groups)
         computing = [i for i, k in enumerate(kinds) if k is not CACHED]  # FULL, and AUTO (fbcache) run block 0
         if computing:
@@ -142,7 +144,7 @@ class SD3BlockLoop:
 
     def _store(self, g: RowGroup, final, first_input, block_one_output) -> None:
         cache, kind = g.cache, g.policy_kind
-        if kind == "glideserve":
+        if kind in ("glideserve", "adaptive"):
             cache.tensors["final"] = final.clone()
         elif kind == "taylorseer":
             if "final" in cache.tensors:
@@ -168,16 +170,27 @@ class SD3BlockLoop:
             g.cache.blocks.append(stored)
 
     # -- decisions of the threshold policies, each from its own rows only -----------------
-    def _teacache(self, g: RowGroup, kind: StepKind, hidden, temb) -> StepKind:
+    def _input_change(self, g: RowGroup, hidden, temb) -> float | None:
+        """TeaCache's indicator for one request: the relative L1 change of its timestep-modulated
+        input since its previous step (None at its first step); kept in ``stats["change"]``."""
         modulated = self.model.transformer_blocks[0].norm1(hidden, emb=temb)[0]
         cache = g.cache
         previous = cache.tensors.get("modulated")
         cache.tensors["modulated"] = modulated
+        if previous is None:
+            cache.stats.pop("change", None)
+            return None
+        cache.stats["change"] = relative_l1(modulated, previous)
+        return cache.stats["change"]
+
+    @staticmethod
+    def _teacache(g: RowGroup, kind: StepKind, change: float | None) -> StepKind:
         if kind is not AUTO:
             return kind
-        if previous is None:
+        if change is None:
             return FULL
-        cache.stats["accumulated"] = cache.stats.get("accumulated", 0.0) + relative_l1(modulated, previous)
+        cache = g.cache
+        cache.stats["accumulated"] = cache.stats.get("accumulated", 0.0) + change
         return CACHED if cache.stats["accumulated"] < cache.policy.threshold else FULL
 
     @staticmethod
@@ -200,7 +213,7 @@ class SD3BlockLoop:
     # -- cached rows -------------------------------------------------------------------
     def _cached(self, g: RowGroup, hidden0, temb) -> torch.Tensor:
         cache, kind = g.cache, g.policy_kind
-        if kind == "glideserve":
+        if kind in ("glideserve", "adaptive"):
             return cache.tensors["final"]
         if kind == "teacache":
             return hidden0 + cache.tensors["residual"]
