@@ -43,9 +43,10 @@ class SchedulerConfig:
     and at most ``full_slots`` x interval + 1 requests with a counter policy run at once
     (``None``: every request takes its full steps when its policy says).
     ``min_full_fraction`` is the quality floor of the ``adaptive`` policy: under any
-    load, at least this fraction of an adaptive request's steps run every block, and
-    admission counts on it (requests are refused only if even that cannot keep them
-    on time).
+    load, at least this fraction of an adaptive request's steps run every block (it
+    takes at most floor(1/f - 1) cached steps in a row; 0.33 allows 2, as
+    ``glideserve:2``), and admission counts on it (requests are refused only if even
+    that cannot keep them on time).
     """
 
     max_batch_rows: int = 16
@@ -62,7 +63,7 @@ class SchedulerConfig:
     max_prefill_batch: int = 16
     cache_memory_mb: float = 1024.0
     full_slots: int | None = None
-    min_full_fraction: float = 0.34
+    min_full_fraction: float = 0.33
 
     def __post_init__(self):
         for name in ("max_batch_rows", "max_latent_tokens", "max_waiting", "max_bypass_steps", "max_decode_batch",

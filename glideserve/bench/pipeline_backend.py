@@ -138,8 +138,8 @@ class PipelineBackend(abc.ABC):
         self.spec = spec
         self.config = config
         self._device = torch.device(config.device)
-        denoiser_config = pipe.transformer.config if spec.family == "sd3" else None
-        self._sampler_factory = SamplerFactory(spec.family, pipe.scheduler, self._device, denoiser_config)
+        denoiser_config = pipe.transformer.config if spec.flow_matching else None
+        self._sampler_factory = SamplerFactory(spec.flow_matching, pipe.scheduler, self._device, denoiser_config)
         # The pipeline's own scheduler serves its sampler name, so default requests run exactly the pipeline.
         own = name_of_scheduler(pipe.scheduler)
         self._schedulers = {own: pipe.scheduler} if own is not None else {}

@@ -49,7 +49,7 @@ ADAPTIVE = "adaptive"
 POLICY_KINDS = ("none", *COUNTER_POLICIES, *THRESHOLD_POLICIES, ADAPTIVE)
 MAX_INTERVAL = 50
 MAX_THRESHOLD = 10.0
-_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?|\.[0-9]+")
+_DECIMAL = re.compile(r"[0-9]{1,3}(\.[0-9]{1,6})?|\.[0-9]{1,6}")
 
 
 class StepKind(enum.Enum):
@@ -89,8 +89,8 @@ class CachePolicy:
     def __str__(self) -> str:
         if self.kind in COUNTER_POLICIES:
             return f"{self.kind}:{self.interval}"
-        if self.kind in THRESHOLD_POLICIES:
-            return f"{self.kind}:{self.threshold:g}"
+        if self.kind in THRESHOLD_POLICIES:  # at most 6 decimals were accepted: this round-trips exactly
+            return f"{self.kind}:{self.threshold:.6f}".rstrip("0").rstrip(".")
         return self.kind
 
 
@@ -118,6 +118,6 @@ def parse_cache_policy(text: object, field: str = "cache") -> CachePolicy:
         return CachePolicy(kind, interval=int(arg))
     threshold = float(arg) if _DECIMAL.fullmatch(arg) else math.nan
     if not 0 < threshold <= MAX_THRESHOLD:
-        raise InvalidRequestError(f"{kind} needs a threshold in (0, {MAX_THRESHOLD:g}], as in '{kind}:0.1'; "
-                                  f"got {text!r}", field)
+        raise InvalidRequestError(f"{kind} needs a threshold in (0, {MAX_THRESHOLD:g}] with at most 6 decimals, "
+                                  f"as in '{kind}:0.1'; got {text!r}", field)
     return CachePolicy(kind, threshold=threshold)

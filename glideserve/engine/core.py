@@ -14,15 +14,14 @@ import torch
 
 from glideserve.cache.policy import parse_cache_policy
 from glideserve.config import EngineConfig
+from glideserve.errors import InvalidRequestError
 from glideserve.engine.profiling import load_or_measure
 from glideserve.models.loading import load_pipeline, serving_defaults, spec_from_pipeline
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent
 from glideserve.params import GenerationParams
 from glideserve.request import Request
-from glideserve.runner.families.base import DenoiserFamily
-from glideserve.runner.families.sd3 import SD3Family
-from glideserve.runner.families.unet import SD15Family, SDXLFamily
+from glideserve.runner.families.registry import family_class
 from glideserve.runner.runner import ModelRunner
 from glideserve.runner.samplers import SamplerFactory
 from glideserve.scheduler.output import StageTiming
@@ -65,6 +64,7 @@ class EngineCore:
         self.runner = runner
         self.spec = spec
         self.config = config
+        self._check_defaults()
         self.scheduler = Scheduler(config.scheduler, profile=profile)
         self.last_step: StepStats | None = None
         self.steps_total = 0
@@ -88,9 +88,10 @@ class EngineCore:
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         spec = spec_from_pipeline(pipe, name=str(model), defaults=defaults)
-        family = _family(pipe, spec, device, config)
-        denoiser_config = pipe.transformer.config if spec.family == "sd3" else None
-        samplers = SamplerFactory(spec.family, pipe.scheduler, device, denoiser_config)
+        family_cls = family_class(spec.family)
+        family = family_cls.create(pipe, spec, device, config.torch_dtype, config.max_sequence_length)
+        denoiser_config = family_cls.denoiser_of(pipe).config
+        samplers = SamplerFactory(spec.flow_matching, pipe.scheduler, device, denoiser_config)
         runner = ModelRunner(family, samplers, config)
         profile = load_or_measure(model, runner, spec, config) if config.profile else None
         return cls(runner, spec, config, profile)
@@ -103,6 +104,15 @@ class EngineCore:
             raise TypeError("pass either config=EngineConfig(...) or keyword options, not both")
         return cls.from_pretrained(model, config or EngineConfig.from_kwargs(**options),
                                    single_file_config=single_file_config, allow_unsafe_pickle=allow_unsafe_pickle)
+
+    def _check_defaults(self) -> None:
+        """Fail at start-up, not on every request, when the server's defaults do not fit the model."""
+        try:
+            GenerationParams("x").resolve(self.spec, self.config.max_image_side, self.config.default_cache,
+                                          self.config.latent_aware)
+        except InvalidRequestError as exc:
+            raise ValueError(f"the server default for {exc.param} does not fit {self.spec.name}: {exc.message}") \
+                from None
 
     def add_request(self, params: GenerationParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
@@ -148,12 +158,3 @@ class EngineCore:
         self.last_step = StepStats(duration, len(plan.scheduled), plan.num_rows, len(plan.new_requests),
                                    self.scheduler.num_waiting, self.scheduler.num_running, len(result.finished),
                                    len(plan.preempted), len(plan.resumed), result.timing)
-
-
-def _family(pipe, spec: ModelSpec, device: torch.device, config: EngineConfig) -> DenoiserFamily:
-    if spec.family == "sd3":
-        return SD3Family(pipe, spec, device, config.torch_dtype, max_sequence_length=config.max_sequence_length)
-    if spec.family == "sdxl":
-        return SDXLFamily(pipe, spec, device, config.torch_dtype)
-    return SD15Family(pipe, spec, device, config.torch_dtype)
-

@@ -18,13 +18,9 @@ import torch
 
 from glideserve.errors import ModelLoadError
 from glideserve.models.spec import ModelSpec
+from glideserve.runner.families.registry import family_for_pipeline_class
 
 BUNDLED_MODELS = ("glide-small", "glide-tiny")
-_PIPELINE_FAMILIES = {
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionXLPipeline": "sdxl",
-}
 SERVING_DEFAULTS_FILE = "serving.json"
 log = logging.getLogger(__name__)
 
@@ -85,9 +81,7 @@ def load_pipeline(name_or_path: str, *, torch_dtype: torch.dtype = torch.float32
         class_name = json.loads(index.read_text())["_class_name"]
     except (ValueError, KeyError) as exc:
         raise ModelLoadError(f"{index} is not a valid model_index.json: {exc}", "model") from exc
-    if class_name not in _PIPELINE_FAMILIES:
-        raise ModelLoadError(
-            f"{path} holds a {class_name}; glideserve serves {', '.join(_PIPELINE_FAMILIES)}", "model")
+    family_for_pipeline_class(class_name, str(path))
     import diffusers
 
     pipeline_cls = getattr(diffusers, class_name)
@@ -114,13 +108,7 @@ def serving_defaults(name_or_path: str) -> dict:
 
 
 def pipeline_family(pipe) -> str:
-    name = type(pipe).__name__
-    if name not in _PIPELINE_FAMILIES:
-        raise ModelLoadError(f"unsupported pipeline {name}; glideserve serves {', '.join(_PIPELINE_FAMILIES)}")
-    return _PIPELINE_FAMILIES[name]
-
-
-_CACHE_POLICIES = {"sd3": ("none", "adaptive", "glideserve", "fora", "taylorseer", "teacache", "fbcache")}
+    return family_for_pipeline_class(type(pipe).__name__, "the pipeline").name
 
 
 def spec_from_pipeline(pipe, name: str, defaults: dict | None = None) -> ModelSpec:
@@ -128,31 +116,22 @@ def spec_from_pipeline(pipe, name: str, defaults: dict | None = None) -> ModelSp
     from glideserve.runner.samplers import sampler_names
 
     defaults = defaults or {}
-    family = pipeline_family(pipe)
+    family = family_for_pipeline_class(type(pipe).__name__, "the pipeline")
+    denoiser = family.denoiser_of(pipe)
+    family.check_denoiser(denoiser)
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    if family == "sd3":
-        denoiser = pipe.transformer
-        patch, steps, guidance = denoiser.config.patch_size, 28, 7.0
-        max_tokens = pipe.tokenizer.model_max_length
-        pos_max = denoiser.config.pos_embed_max_size
-        max_side = pos_max * patch * vae_factor if pos_max else None
-    else:
-        denoiser = pipe.unet
-        patch, steps, guidance, max_side = 1, 50, (5.0 if family == "sdxl" else 7.5), None
-        max_tokens = pipe.tokenizer.model_max_length
-        if denoiser.config.time_cond_proj_dim is not None:
-            raise ModelLoadError("guidance-distilled UNets (time_cond_proj_dim, e.g. LCM) are not supported yet")
     side = denoiser.config.sample_size * vae_factor
     if "default_size" in defaults:
         side = int(defaults["default_size"])
-    names = sampler_names(family)
+    names = sampler_names(family.flow_matching)
     return ModelSpec(
-        name=name, family=family, latent_channels=denoiser.config.in_channels, vae_scale_factor=vae_factor,
-        patch_size=patch, default_height=side, default_width=side,
-        default_steps=int(defaults.get("default_steps", steps)),
-        default_guidance=float(defaults.get("default_guidance", guidance)),
-        samplers=names, default_sampler=_default_sampler(pipe, names), max_prompt_tokens=max_tokens,
-        max_side=max_side, cache_policies=_CACHE_POLICIES.get(family, ("none",)), flow_matching=family == "sd3",
+        name=name, family=family.name, latent_channels=denoiser.config.in_channels, vae_scale_factor=vae_factor,
+        patch_size=family.patch_size(denoiser), default_height=side, default_width=side,
+        default_steps=int(defaults.get("default_steps", family.default_steps)),
+        default_guidance=float(defaults.get("default_guidance", family.default_guidance)),
+        samplers=names, default_sampler=_default_sampler(pipe, names), max_prompt_tokens=pipe.tokenizer.model_max_length,
+        max_side=family.max_side(denoiser, vae_factor), cache_policies=family.supported_cache_policies(denoiser),
+        flow_matching=family.flow_matching,
     )
 
 

@@ -31,12 +31,13 @@ _UNET_SAMPLERS = {
 _FLOW_SAMPLERS = {"flow_euler": (FlowMatchEulerDiscreteScheduler, {})}
 
 
-def _registry(family: str) -> dict:
-    return _FLOW_SAMPLERS if family == "sd3" else _UNET_SAMPLERS
+def _registry(flow_matching: bool) -> dict:
+    return _FLOW_SAMPLERS if flow_matching else _UNET_SAMPLERS
 
 
-def sampler_names(family: str) -> tuple[str, ...]:
-    return tuple(_registry(family))
+def sampler_names(flow_matching: bool) -> tuple[str, ...]:
+    """Samplers a model can be driven with: flow-matching ones for SD3-style models, the rest for UNets."""
+    return tuple(_registry(flow_matching))
 
 
 def name_of_scheduler(scheduler) -> str | None:
@@ -98,29 +99,34 @@ class Sampler:
 
 
 class SamplerFactory:
-    """Builds per-request samplers for one model; templates are made once per name."""
+    """Builds per-request samplers for one model; templates are made once per name.
 
-    def __init__(self, family: str, base_scheduler, device: torch.device, transformer_config=None):
-        self.family = family
+    ``flow_matching`` models (SD3) take the flow samplers, shift their timesteps by the
+    image's token count when the scheduler asks for it (``denoiser_config`` gives the
+    patch size), and pass no extra step kwargs, as their pipeline does.
+    """
+
+    def __init__(self, flow_matching: bool, base_scheduler, device: torch.device, denoiser_config=None):
+        self.flow_matching = flow_matching
         self.base_config = base_scheduler.config
         self.device = device
-        self.transformer_config = transformer_config
+        self.denoiser_config = denoiser_config
         self._templates: dict[str, object] = {}
         self._lengths: dict[tuple, int] = {}
 
     def _template(self, name: str):
         if name not in self._templates:
-            cls, overrides = _registry(self.family)[name]
+            cls, overrides = _registry(self.flow_matching)[name]
             self._templates[name] = cls.from_config(self.base_config, **overrides)
         return self._templates[name]
 
     def _set_kwargs(self, height: int, width: int, vae_factor: int) -> dict:
         config = self.base_config
-        if self.family != "sd3" or not config.get("use_dynamic_shifting", False):
+        if not self.flow_matching or not config.get("use_dynamic_shifting", False):
             return {}
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-        patch = self.transformer_config.patch_size
+        patch = self.denoiser_config.patch_size
         seq_len = (height // vae_factor // patch) * (width // vae_factor // patch)
         return {"mu": calculate_shift(seq_len, config.get("base_image_seq_len", 256),
                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
@@ -132,12 +138,12 @@ class SamplerFactory:
         scheduler.set_timesteps(steps, device=self.device, **self._set_kwargs(height, width, vae_factor))
         step_params = set(inspect.signature(scheduler.step).parameters)
         kwargs = {}
-        if self.family != "sd3":  # the SD3 pipeline passes no extra step kwargs
+        if not self.flow_matching:  # the SD3 pipeline passes no extra step kwargs
             if "eta" in step_params:
                 kwargs["eta"] = 0.0
             if "generator" in step_params:
                 kwargs["generator"] = generator
-        return Sampler(scheduler, scheduler.timesteps, self.family != "sd3", kwargs)
+        return Sampler(scheduler, scheduler.timesteps, not self.flow_matching, kwargs)
 
     def num_iterations(self, name: str, steps: int, height: int, width: int, vae_factor: int) -> int:
         """Model evaluations a request takes (PNDM, e.g., takes steps + 1)."""

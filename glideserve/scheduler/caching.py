@@ -24,13 +24,22 @@ from glideserve.cache.policy import StepKind
 from glideserve.request import Request
 
 
+def cached_streak_limit(min_full_fraction: float) -> int:
+    """Most cached steps in a row that keep at least ``min_full_fraction`` of the steps full."""
+    return max(0, math.floor(1.0 / min_full_fraction - 1.0 + 1e-9))
+
+
+def floor_fraction(min_full_fraction: float) -> float:
+    """The share of full steps an adaptive request takes at the most caching allowed."""
+    return 1.0 / (cached_streak_limit(min_full_fraction) + 1)
+
+
 class StepKindPlanner:
     """Decides step kinds; holds the adaptive policy's carried-over share of full steps."""
 
     def __init__(self, full_slots: int | None, min_full_fraction: float):
         self.full_slots = full_slots
-        # At the floor, a request may take at most this many cached steps in a row.
-        self.max_cached_streak = max(0, math.ceil(1.0 / min_full_fraction - 1e-9) - 1)
+        self.max_cached_streak = cached_streak_limit(min_full_fraction)
         self._credit = 0.0
 
     def plan(self, scheduled: list[Request], full_fraction: float = 1.0) -> dict[str, StepKind]:
@@ -61,8 +70,9 @@ class StepKindPlanner:
             kinds[r.request_id] = StepKind.CACHED if over else StepKind.FULL
 
     def _plan_adaptive(self, adaptive: list[Request], full_fraction: float, kinds: dict[str, StepKind]) -> None:
-        if not adaptive:
+        if not adaptive or full_fraction >= 1.0:  # no pressure: exact
             self._credit = 0.0
+            kinds.update((r.request_id, StepKind.FULL) for r in adaptive)
             return
         n = len(adaptive)
         self._credit = min(float(n), self._credit + full_fraction * n)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from glideserve.config import SchedulerConfig
-from glideserve.request import Request
+from glideserve.request import Request, RequestStatus
+from glideserve.scheduler.caching import floor_fraction
 from glideserve.scheduler.profile import LatencyProfile
 from glideserve.scheduler.simulate import TOLERANCE_S, SimEntry, SimResult, joining_harms, simulate
 
@@ -37,6 +38,7 @@ class DeadlinePlanner:
     def __init__(self, profile: LatencyProfile, config: SchedulerConfig):
         self.profile = profile
         self.config = config
+        self.floor = floor_fraction(config.min_full_fraction)  # adaptive's share of full steps at most caching
 
     # -- building blocks -----------------------------------------------------------
     def step_s(self, running: Iterable[Request]) -> float:
@@ -57,10 +59,11 @@ class DeadlinePlanner:
         with one, its full-step fraction (``adaptive_fraction`` for ``adaptive``, by default the quality
         floor: what the request needs at the most caching allowed) plus the cached steps' small share."""
         policy = request.cache_policy
-        if not policy.enabled or (request.steps_done > 0 and not request.cache_granted):
+        admitted = request.status in (RequestStatus.RUNNING, RequestStatus.PAUSED)
+        if not policy.enabled or (admitted and not request.cache_granted):
             return 1.0
         if policy.is_adaptive:
-            full = self.config.min_full_fraction if adaptive_fraction is None else adaptive_fraction
+            full = self.floor if adaptive_fraction is None else adaptive_fraction
         else:
             full = policy.full_fraction()
         if full is None:  # threshold policies decide from the images: assume nothing is saved
@@ -90,17 +93,23 @@ class DeadlinePlanner:
 
     def full_fraction(self, now: float, running: Sequence[Request], queue: Sequence[Request],
                       prefilled: set[str] = frozenset()) -> float:
-        """The largest fraction of full steps for ``adaptive`` requests that keeps on time every request
-        that the most caching allowed (the quality floor) would keep on time: 1 (exact) unless load needs less."""
-        floor = self.config.min_full_fraction
+        """The largest fraction of full steps for ``adaptive`` requests that keeps on time, with the
+        admission margin, every request that the most caching allowed (the quality floor) would keep on
+        time: 1 (exact) unless load needs less."""
+        floor = self.floor
         at_floor = self.predict(now, running, queue, prefilled, adaptive_fraction=floor)
-        protected = [r for r in (*running, *queue) if r.deadline is not None
-                     and at_floor.finish.get(r.request_id, math.inf) <= r.deadline + TOLERANCE_S]
+        # Each protected request must finish the admission margin before its deadline (prediction error is
+        # as real here as at admission), or no later than the floor would finish it when that is later.
+        targets = {}
+        for r in (*running, *queue):
+            finish = at_floor.finish.get(r.request_id, math.inf)
+            if r.deadline is not None and finish <= r.deadline + TOLERANCE_S:
+                targets[r.request_id] = max(finish, r.deadline - self.config.admission_margin * r.slo_s)
         for fraction in FULL_FRACTIONS:
             if fraction <= floor:
                 break
             trial = self.predict(now, running, queue, prefilled, adaptive_fraction=fraction)
-            if all(trial.finish.get(r.request_id, math.inf) <= r.deadline + TOLERANCE_S for r in protected):
+            if all(trial.finish.get(rid, math.inf) <= target + TOLERANCE_S for rid, target in targets.items()):
                 return fraction
         return floor
 

@@ -22,7 +22,46 @@ class DenoiserFamily:
     VAE, the image processor) exactly as that pipeline's ``__call__`` does, so every
     request reproduces the pipeline, but it never calls ``__call__``: batching
     across requests at different timesteps is the runner's job.
+
+    Subclasses are registered (``registry.register_family``) and declare the facts
+    that differ between families: ``name``, the diffusers ``pipeline_class`` they
+    serve, ``flow_matching``, the ``cache_policies`` their block loop implements,
+    ``default_steps``/``default_guidance``, and ``denoiser_of(pipe)``.
     """
+
+    name: str = ""
+    pipeline_class: str = ""
+    flow_matching: bool = False
+    cache_policies: tuple[str, ...] = ("none",)
+    default_steps: int = 50
+    default_guidance: float = 7.5
+
+    @staticmethod
+    def denoiser_of(pipe):
+        """The pipeline's denoiser (transformer or UNet)."""
+        raise NotImplementedError
+
+    @classmethod
+    def patch_size(cls, denoiser) -> int:
+        return 1
+
+    @classmethod
+    def max_side(cls, denoiser, vae_factor: int) -> int | None:
+        """Largest image side the denoiser can take, if it has one."""
+        return None
+
+    @classmethod
+    def check_denoiser(cls, denoiser) -> None:
+        """Raise ModelLoadError for a denoiser variant this family cannot serve."""
+
+    @classmethod
+    def supported_cache_policies(cls, denoiser) -> tuple[str, ...]:
+        return cls.cache_policies
+
+    @classmethod
+    def create(cls, pipe, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
+               max_sequence_length: int | None = None) -> "DenoiserFamily":
+        return cls(pipe, spec, device, dtype)
 
     def __init__(self, pipe, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe

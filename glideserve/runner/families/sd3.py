@@ -7,6 +7,7 @@ import torch
 from glideserve.cache.policy import CachePolicy, StepKind
 from glideserve.params import GenerationParams
 from glideserve.runner.families.base import Cond, DenoiserFamily
+from glideserve.runner.families.registry import register_family
 from glideserve.runner.families.sd3_loop import SD3BlockLoop
 from glideserve.runner.feature_cache import RowGroup
 
@@ -15,8 +16,33 @@ from glideserve.runner.feature_cache import RowGroup
 _CACHED_TENSORS = {"glideserve": 1, "taylorseer": 2, "teacache": 2, "fbcache": 2, "adaptive": 2}
 
 
+@register_family
 class SD3Family(DenoiserFamily):
     """``StableDiffusion3Pipeline`` components driven step by step (flow matching)."""
+
+    name = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    flow_matching = True
+    cache_policies = ("none", "adaptive", "glideserve", "fora", "taylorseer", "teacache", "fbcache")
+    default_steps = 28
+    default_guidance = 7.0
+
+    @staticmethod
+    def denoiser_of(pipe):
+        return pipe.transformer
+
+    @classmethod
+    def patch_size(cls, denoiser) -> int:
+        return denoiser.config.patch_size
+
+    @classmethod
+    def max_side(cls, denoiser, vae_factor: int) -> int | None:
+        pos_max = denoiser.config.pos_embed_max_size  # the position table bounds the latent grid
+        return pos_max * denoiser.config.patch_size * vae_factor if pos_max else None
+
+    @classmethod
+    def create(cls, pipe, spec, device, dtype, max_sequence_length=None) -> "SD3Family":
+        return cls(pipe, spec, device, dtype, max_sequence_length=max_sequence_length or 256)
 
     def __init__(self, *args, max_sequence_length: int = 256, **kwargs):
         super().__init__(*args, **kwargs)

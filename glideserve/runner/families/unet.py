@@ -4,13 +4,43 @@ from __future__ import annotations
 
 import torch
 
+from glideserve.cache.policy import CachePolicy, StepKind
+from glideserve.errors import ModelLoadError
 from glideserve.params import GenerationParams
 from glideserve.runner.families.base import Cond, DenoiserFamily
+from glideserve.runner.families.registry import register_family
+from glideserve.runner.families.unet_loop import UNetBlockLoop
+from glideserve.runner.feature_cache import RowGroup
 from glideserve.runner.samplers import Sampler
 
 
+@register_family
 class SD15Family(DenoiserFamily):
     """``StableDiffusionPipeline`` components driven step by step."""
+
+    name = "sd15"
+    pipeline_class = "StableDiffusionPipeline"
+    cache_policies = ("none", "deepcache")
+    default_steps = 50
+    default_guidance = 7.5
+
+    @staticmethod
+    def denoiser_of(pipe):
+        return pipe.unet
+
+    @classmethod
+    def check_denoiser(cls, denoiser) -> None:
+        if denoiser.config.time_cond_proj_dim is not None:
+            raise ModelLoadError("guidance-distilled UNets (time_cond_proj_dim, e.g. LCM) are not supported yet")
+
+    @classmethod
+    def supported_cache_policies(cls, denoiser) -> tuple[str, ...]:
+        # DeepCache skips the deeper path of a UNet: there must be one.
+        return cls.cache_policies if len(denoiser.config.block_out_channels) >= 2 else ("none",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loop = UNetBlockLoop(self.pipe.unet)
 
     def encode(self, prompts: list[str]) -> list[Cond]:
         embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
@@ -20,15 +50,32 @@ class SD15Family(DenoiserFamily):
         return super().init_latents(params, generator, sampler) * sampler.scheduler.init_noise_sigma
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.pipe.unet(latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                              return_dict=False)[0]
+        return self.loop(latents, timesteps, cond, [RowGroup(0, latents.shape[0], StepKind.FULL, None, 0)])[0]
+
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
+                groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
+        return self.loop(latents, timesteps, cond, groups)
+
+    def cache_bytes(self, policy: CachePolicy, params: GenerationParams) -> int:
+        if policy.kind != "deepcache":
+            return 0
+        # DeepCache keeps the second-to-last up block's output, at the latent resolution.
+        channels = self.pipe.unet.config.block_out_channels[1]
+        _, height, width = self.spec.latent_shape(params.height, params.width)
+        rows = 2 if params.uses_cfg else 1
+        return rows * channels * height * width * torch.finfo(self.dtype).bits // 8
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.pipe.vae.config.scaling_factor
 
 
+@register_family
 class SDXLFamily(SD15Family):
     """``StableDiffusionXLPipeline`` components: two text encoders plus size conditioning."""
+
+    name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    default_guidance = 5.0
 
     def encode(self, prompts: list[str]) -> list[Cond]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
@@ -49,11 +96,6 @@ class SDXLFamily(SD15Family):
         time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=self.dtype,
                                                text_encoder_projection_dim=projection_dim)
         return {"time_ids": time_ids.to(self.device)}
-
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return self.pipe.unet(latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                              added_cond_kwargs=added, return_dict=False)[0]
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.pipe.vae.config
