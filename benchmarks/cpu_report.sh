@@ -24,8 +24,10 @@ DROP_VALUES="${DROP_VALUES:-0 0.25 1 never}"
 SWEEP_DURATION="${SWEEP_DURATION:-45}"
 SWEEP_FACTORS="${SWEEP_FACTORS:-}"
 # The first system's isolated latency is the SLO reference for all of them.
+# glideserve without step caching (--cache none): these runs measure scheduling alone; docs/caching.md adds caching.
 SYSTEMS=(--system diffusers-sequential --system request-batching
-         --system "glideserve-slack=glideserve --policy slack" --system "glideserve-fcfs=glideserve --policy fcfs")
+         --system "glideserve-slack=glideserve --policy slack --cache none"
+         --system "glideserve-fcfs=glideserve --policy fcfs --cache none")
 COMMON=(--model "$MODEL" --arrival trace --trace "$TRACE" --duration "$DURATION")
 
 # Measure glideserve's latency profile once, up front, and cache it: every glideserve server below
@@ -56,9 +58,9 @@ glideserve bench load "${COMMON[@]}" "${SYSTEMS[@]}" --steps-mix "$STEPS_MIX" --
 if [ -n "$DROP_VALUES" ]; then
     DROP_SYSTEMS=()
     for value in $DROP_VALUES; do
-        DROP_SYSTEMS+=(--system "drop-${value}=glideserve --policy slack --drop-late-after $value")
+        DROP_SYSTEMS+=(--system "drop-${value}=glideserve --policy slack --cache none --drop-late-after $value")
     done
-    glideserve bench load "${COMMON[@]}" --slo-ms "$SLO_MS" --system "glideserve-slack=glideserve --policy slack" \
+    glideserve bench load "${COMMON[@]}" --slo-ms "$SLO_MS" --system "glideserve-slack=glideserve --policy slack --cache none" \
         "${DROP_SYSTEMS[@]}" --steps "$STEPS" --rate "$(rate_for 1.5)" --no-count-flops --out "$OUT/drop-tolerance"
 fi
 

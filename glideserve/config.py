@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from glideserve.cache.policy import parse_cache_policy
+from glideserve.cache.policy import AUTO_CACHE, parse_cache_policy
 from glideserve.errors import InvalidRequestError
 from glideserve.scheduler.policy import POLICY_NAMES
 
@@ -109,7 +109,9 @@ class EngineConfig:
     the profile starts empty and learns from the first steps.
 
     ``default_cache`` is the step-caching policy of requests that name none (see
-    ``glideserve.cache.policy``); ``latent_aware`` the latent-aware denoising default.
+    ``glideserve.cache.policy``); ``auto`` is resolved at load time to the model
+    family's own default (``adaptive`` where the family implements it, else ``none``).
+    ``latent_aware`` is the latent-aware denoising default.
     """
 
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -130,10 +132,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
             raise ValueError("max_sequence_length must be in 1..512")
-        try:
-            parse_cache_policy(self.default_cache, "default_cache")
-        except InvalidRequestError as exc:
-            raise ValueError(str(exc)) from None
+        if self.default_cache != AUTO_CACHE:
+            try:
+                parse_cache_policy(self.default_cache, "default_cache")
+            except InvalidRequestError as exc:
+                raise ValueError(str(exc)) from None
         for name in ("prompt_cache_size", "max_image_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

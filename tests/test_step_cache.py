@@ -312,7 +312,7 @@ def test_engine_default_cache_policy_and_unsupported_family(tiny_sd3_dir, tiny_s
 
 
 # -- latent-aware denoising ------------------------------------------------------------------
-def test_latent_aware_step_removes_less_noise_by_the_adapt_factor():
+def test_latent_aware_step_is_the_seeds_data_prediction_step_with_the_adapted_estimate():
     from glideserve.runner.latent_aware import adapt_factor, latent_aware_step
 
     g = torch.Generator().manual_seed(0)
@@ -320,11 +320,12 @@ def test_latent_aware_step_removes_less_noise_by_the_adapt_factor():
     factor, edge = adapt_factor(latents)
     assert 0.7 <= float(factor) <= 1.0 and not 0.7 < float(edge) < 0.9  # no extra noise for these latents
     sigma, sigma_next = 0.8, 0.6
-    new_latents, new_velocity = latent_aware_step(latents, velocity, sigma, sigma_next, g)
+    new_latents, new_velocity = latent_aware_step(latents, velocity, g)
     assert torch.equal(new_latents, latents)
-    # Euler's flow step with the adapted velocity: x + (sigma_next - sigma) v' == x + (sigma_next - sigma f) v.
-    torch.testing.assert_close(latents + (sigma_next - sigma) * new_velocity,
-                               latents + (sigma_next - sigma * factor) * velocity)
+    # First-order data-prediction step with D = x - sigma_adapt v, against Euler's flow step with the new velocity.
+    denoised = latents - sigma * factor * velocity
+    seed_step = (sigma_next / sigma) * latents + (1 - sigma_next / sigma) * denoised
+    torch.testing.assert_close(latents + (sigma_next - sigma) * new_velocity, seed_step)
 
 
 def test_latent_aware_is_deterministic_per_seed_and_only_for_flow_models(tiny_sd3_dir, tiny_sd15_dir):
@@ -512,3 +513,18 @@ def test_deepcache_through_the_engine(tiny_sd15_dir):
     family = engine.core.runner.family
     params = GenerationParams("a cat", guidance_scale=5.0, cache="deepcache:2").resolve(engine.core.spec)
     assert family.cache_bytes(parse_cache_policy("deepcache:2"), params) > 0
+
+
+def test_auto_default_is_each_familys_own(tiny_sd3_dir, tiny_sd15_dir):
+    sd3 = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, default_cache="auto")
+    unet = Engine.from_pretrained(tiny_sd15_dir, default_cache="auto")
+    assert (sd3.core.config.default_cache, unet.core.config.default_cache) == ("adaptive", "none")
+    # Without deadlines adaptive has no reason to cache: the image is the exact one.
+    base = dict(num_inference_steps=6, guidance_scale=3.0, seed=5)
+    auto = _generate(sd3, [GenerationParams("a red circle", request_id="a", **base)])["a"]
+    exact = _generate(Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16),
+                      [GenerationParams("a red circle", request_id="e", **base)])["e"]
+    assert auto.params.cache == "adaptive" and auto.timings.cached_steps == 0
+    assert np.array_equal(np.array(auto.image), np.array(exact.image))
+    with pytest.raises(ValueError, match="does not fit"):
+        Engine.from_pretrained(tiny_sd15_dir, default_cache="glideserve:2")

@@ -47,6 +47,7 @@ COUNTER_POLICIES = ("glideserve", "fora", "taylorseer", "deepcache")
 THRESHOLD_POLICIES = ("teacache", "fbcache")
 ADAPTIVE = "adaptive"
 POLICY_KINDS = ("none", *COUNTER_POLICIES, *THRESHOLD_POLICIES, ADAPTIVE)
+AUTO_CACHE = "auto"  # an engine default only: the model family's own default policy
 MAX_INTERVAL = 50
 MAX_THRESHOLD = 10.0
 _DECIMAL = re.compile(r"[0-9]{1,3}(\.[0-9]{1,6})?|\.[0-9]{1,6}")

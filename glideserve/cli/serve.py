@@ -126,9 +126,11 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                                 "cache); --no-profile starts from online estimates."),
         profile_cache: Optional[Path] = typer.Option(None, help="JSON file of measured latency profiles "
                                                                 "(default: the user's cache directory)."),
-        cache: str = typer.Option("none", help="Step-caching policy of requests that name none: none, "
-                                               "glideserve:N, fora:N, taylorseer:N, teacache:T or fbcache:T "
-                                               "(a request's `cache` field overrides it)."),
+        cache: str = typer.Option("auto", help="Step-caching policy of requests that name none: auto (the "
+                                               "model family's default: adaptive for SD3 models, none for "
+                                               "UNets), none (exact), adaptive, glideserve:N, fora:N, "
+                                               "taylorseer:N, teacache:T, fbcache:T or deepcache:N (a "
+                                               "request's `cache` field overrides it)."),
         full_slots: Optional[int] = typer.Option(None, min=1, help="Progressive batching: caching requests that "
                                                  "take a full step per step (default: no limit)."),
         cache_memory_mb: float = typer.Option(1024.0, min=0, help="Memory budget of the per-request feature "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glideserve.cache.policy import parse_cache_policy
+from glideserve.cache.policy import AUTO_CACHE, parse_cache_policy
 from glideserve.config import EngineConfig
 from glideserve.errors import InvalidRequestError
 from glideserve.engine.profiling import load_or_measure
@@ -89,6 +89,10 @@ class EngineCore:
         pipe.set_progress_bar_config(disable=True)
         spec = spec_from_pipeline(pipe, name=str(model), defaults=defaults)
         family_cls = family_class(spec.family)
+        if config.default_cache == AUTO_CACHE:
+            config = dataclasses.replace(config, default_cache=family_cls.default_cache)
+            log.info("step caching by default: %s (the %s family's default; --cache none for exact images)",
+                     config.default_cache, spec.family)
         family = family_cls.create(pipe, spec, device, config.torch_dtype, config.max_sequence_length)
         denoiser_config = family_cls.denoiser_of(pipe).config
         samplers = SamplerFactory(spec.flow_matching, pipe.scheduler, device, denoiser_config)

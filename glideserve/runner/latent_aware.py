@@ -5,12 +5,13 @@ Per request and per step, from the request's own latents: ``std`` over (C, H, W)
 the latents get ``0.01 * randn`` (from the request's own generator, so a seed means
 the same image on every run); ``a = sigmoid((std + 0.3 edge)(1 + 0.3 sigmoid(2 edge)))``
 and ``sigma_adapt = sigma (0.7 + 0.3 a)``. The model stays conditioned on the true
-sigma, but the clean estimate becomes ``x - sigma_adapt v``, so a step removes less
-noise where the factor is below 1.
+sigma, but the clean estimate becomes ``D = x - sigma_adapt v``, so a step removes
+less noise where the factor is below 1.
 
-With Euler's flow step ``x' = x0 + sigma_next v`` that is ``x' = x + (sigma_next -
-sigma_adapt) v``: the velocity is rescaled by ``(sigma_next - sigma_adapt) / (sigma_next
-- sigma)`` and the request's own sampler steps as usual.
+The seed feeds ``D`` to a solver in data-prediction form; its first-order step is
+``x' = (sigma_next / sigma) x + (1 - sigma_next / sigma) D = x + (sigma_next - sigma)
+(sigma_adapt / sigma) v``: Euler's flow step with the velocity scaled by the factor.
+That is what this module hands to the request's own sampler.
 """
 
 from __future__ import annotations
@@ -28,14 +29,11 @@ def adapt_factor(latents: torch.Tensor) -> torch.Tensor:
     return 0.7 + 0.3 * a, edge
 
 
-def latent_aware_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float,
+def latent_aware_step(latents: torch.Tensor, velocity: torch.Tensor,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(latents, velocity)`` to hand to the flow sampler's step instead of the originals."""
     factor, edge = adapt_factor(latents)
     if 0.7 < float(edge) < 0.9:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
         latents = latents + 0.01 * noise
-    if sigma_next == sigma:
-        return latents, velocity
-    scale = (sigma_next - sigma * factor) / (sigma_next - sigma)
-    return latents, velocity * scale.to(velocity)
+    return latents, velocity * factor.to(velocity)

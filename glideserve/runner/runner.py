@@ -125,7 +125,7 @@ class ModelRunner:
                     uncond, text = pred.chunk(2)
                     pred = uncond + s.params.guidance_scale * (text - uncond)
                 if s.params.latent_aware:
-                    s.latents, pred = latent_aware_step(s.latents, pred, *s.sampler.sigma_pair(), s.generator)
+                    s.latents, pred = latent_aware_step(s.latents, pred, s.generator)
                 s.latents, denoised = s.sampler.step(pred, s.latents)
                 out.stepped.append(s.request_id)
                 if s.sampler.done:

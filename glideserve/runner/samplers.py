@@ -88,11 +88,6 @@ class Sampler:
             denoised = latents - sigma.to(latents) * model_output
         return out.prev_sample, denoised
 
-    def sigma_pair(self) -> tuple[float, float]:
-        """Flow matching: the sigma of this step and of the next."""
-        sigmas = self.scheduler.sigmas
-        return float(sigmas[self.index]), float(sigmas[self.index + 1])
-
     @property
     def flow_matching(self) -> bool:
         return isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)

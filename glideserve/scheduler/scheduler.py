@@ -193,7 +193,8 @@ class Scheduler:
     def _full_fraction(self, now: float, scheduled: list[Request], waiting: list[Request]) -> float:
         """Share of full steps for ``adaptive`` requests: 1 (exact) unless deadlines need caching;
         deadline-blind policies never cache for load."""
-        if not self.policy.deadline_aware or not any(r.cache_policy.is_adaptive for r in scheduled):
+        if not self.policy.deadline_aware or not any(r.cache_policy.is_adaptive for r in scheduled) \
+                or all(r.deadline is None for r in (*scheduled, *waiting)):
             return 1.0
         return self.planner.full_fraction(now, scheduled, waiting, set(self._paused))
 

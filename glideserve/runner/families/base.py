@@ -25,14 +25,16 @@ class DenoiserFamily:
 
     Subclasses are registered (``registry.register_family``) and declare the facts
     that differ between families: ``name``, the diffusers ``pipeline_class`` they
-    serve, ``flow_matching``, the ``cache_policies`` their block loop implements,
-    ``default_steps``/``default_guidance``, and ``denoiser_of(pipe)``.
+    serve, ``flow_matching``, the ``cache_policies`` their block loop implements and
+    the ``default_cache`` among them, ``default_steps``/``default_guidance``, and
+    ``denoiser_of(pipe)``.
     """
 
     name: str = ""
     pipeline_class: str = ""
     flow_matching: bool = False
     cache_policies: tuple[str, ...] = ("none",)
+    default_cache: str = "none"  # what ``--cache auto`` means for this family
     default_steps: int = 50
     default_guidance: float = 7.5
 

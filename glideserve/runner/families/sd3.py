@@ -24,6 +24,7 @@ class SD3Family(DenoiserFamily):
     pipeline_class = "StableDiffusion3Pipeline"
     flow_matching = True
     cache_policies = ("none", "adaptive", "glideserve", "fora", "taylorseer", "teacache", "fbcache")
+    default_cache = "adaptive"  # exact at low load; see docs/caching.md for why it is the default
     default_steps = 28
     default_guidance = 7.0
 
