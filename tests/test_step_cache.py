@@ -528,3 +528,34 @@ def test_auto_default_is_each_familys_own(tiny_sd3_dir, tiny_sd15_dir):
     assert np.array_equal(np.array(auto.image), np.array(exact.image))
     with pytest.raises(ValueError, match="does not fit"):
         Engine.from_pretrained(tiny_sd15_dir, default_cache="glideserve:2")
+
+
+def test_mixed_policies_and_sizes_through_the_engine_match_each_request_alone(tiny_sd3_dir):
+    """Requests with different policies and sizes, joining mid-way, give the image each gives alone."""
+    requests = [
+        (0, GenerationParams("a red circle", num_inference_steps=8, guidance_scale=3.0, seed=1, height=32, width=32,
+                             cache="glideserve:2", request_id="g")),
+        (1, GenerationParams("a blue square", num_inference_steps=7, guidance_scale=3.0, seed=2, height=16, width=32,
+                             cache="fbcache:0.5", request_id="f")),
+        (2, GenerationParams("a green triangle", num_inference_steps=6, guidance_scale=1.0, seed=3, height=32,
+                             width=32, cache="fora:1", request_id="o")),
+        (3, GenerationParams("a red circle", num_inference_steps=6, guidance_scale=3.0, seed=4, height=32, width=32,
+                             cache="none", request_id="n")),
+    ]
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
+    mixed, step, pending = {}, 0, list(requests)
+    while pending or engine.has_unfinished():
+        for item in [r for r in pending if r[0] <= step]:
+            engine.add_request(item[1])
+            pending.remove(item)
+        for event in engine.step():
+            if isinstance(event, GenerationResult):
+                mixed[event.request_id] = event
+        step += 1
+    for _, params in requests:
+        alone = _generate(Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16), [params])[params.request_id]
+        got = mixed[params.request_id]
+        assert (got.timings.full_steps, got.timings.cached_steps) == \
+            (alone.timings.full_steps, alone.timings.cached_steps), params.request_id
+        diff = np.abs(np.array(got.image, dtype=int) - np.array(alone.image, dtype=int)).max()
+        assert diff <= 2, (params.request_id, diff)

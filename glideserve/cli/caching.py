@@ -65,7 +65,9 @@ def bench_caching(
         "rows": [r.as_dict() for r in rows]}, indent=1, default=lambda v: None if v != v else v) + "\n")
     table = markdown_table(rows)
     (out / "caching.md").write_text(table + "\n")
-    shown = [i for i, c in enumerate(cases) if c.seed == 0][:grid_captions]
+    first_seed = [i for i, c in enumerate(cases) if c.seed == 0]
+    step = max(1, len(first_seed) // max(1, grid_captions))
+    shown = first_seed[::step][:grid_captions]  # spread over the captions, not the first few
     for n in sorted({r.steps for r in rows}):
         labels = [c.label for c in [CacheConfig("none"), *configs] if (c.label, n) in images]
         labels = list(dict.fromkeys(labels))

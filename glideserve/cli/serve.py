@@ -135,6 +135,9 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                                  "take a full step per step (default: no limit)."),
         cache_memory_mb: float = typer.Option(1024.0, min=0, help="Memory budget of the per-request feature "
                                               "caches; a request that does not fit takes full steps."),
+        min_full_fraction: float = typer.Option(0.33, min=0.05, max=1.0, help="Quality floor of the adaptive "
+                                                "policy: at least this share of a request's steps run every "
+                                                "block (0.33: at most 2 cached steps in a row)."),
         latent_aware: bool = typer.Option(False, help="Latent-aware denoising for requests that do not say "
                                                       "(SD3 models)."),
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
@@ -158,6 +161,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                max_paused=max_paused, admission_margin=admission_margin, profile=profile,
                                profile_cache=None if profile_cache is None else str(profile_cache),
                                default_cache=cache, full_slots=full_slots, cache_memory_mb=cache_memory_mb,
+                               min_full_fraction=min_full_fraction,
                                latent_aware=latent_aware)
             backend = make_backend(system, model, **options)
         except (GlideServeError, ValueError) as exc:
