@@ -111,7 +111,9 @@ class EngineConfig:
     ``default_cache`` is the step-caching policy of requests that name none (see
     ``glideserve.cache.policy``); ``auto`` is resolved at load time to the model
     family's own default (``adaptive`` where the family implements it, else ``none``).
-    ``latent_aware`` is the latent-aware denoising default.
+    ``latent_aware`` is the latent-aware denoising default. ``lora_dir`` is the only
+    place LoRA adapters are read from (None: requests may not name one); at most
+    ``max_loras`` adapters stay resident.
     """
 
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -126,6 +128,8 @@ class EngineConfig:
     profile_sizes: tuple[tuple[int, int], ...] = ()
     default_cache: str = "none"
     latent_aware: bool = False
+    lora_dir: str | None = None
+    max_loras: int = 16
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -137,7 +141,7 @@ class EngineConfig:
                 parse_cache_policy(self.default_cache, "default_cache")
             except InvalidRequestError as exc:
                 raise ValueError(str(exc)) from None
-        for name in ("prompt_cache_size", "max_image_side"):
+        for name in ("prompt_cache_size", "max_image_side", "max_loras"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 

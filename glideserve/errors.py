@@ -32,6 +32,13 @@ class ModelLoadError(GlideServeError):
     code = "model_not_found"
 
 
+class LoraNotFoundError(GlideServeError):
+    """A request names a LoRA adapter the server does not have."""
+
+    http_status = 404
+    code = "lora_not_found"
+
+
 class QueueFullError(GlideServeError):
     """The engine's waiting queue is at its bound; retry later."""
 

@@ -18,6 +18,9 @@ MAX_GUIDANCE = 100.0
 MAX_PARTIAL_IMAGES = 3
 MAX_PRIORITY = 1000
 MAX_SLO_MS = 86_400_000.0  # one day
+MAX_LORAS_PER_REQUEST = 8
+MAX_LORA_SCALE = 8.0
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,10 @@ class GenerationParams:
     served first, -1000..1000) orders best-effort requests and breaks ties between
     requests with deadlines. ``cache`` is the step-caching policy (see
     ``glideserve.cache.policy``; ``None``: the engine's default), resolved to its
-    canonical spelling. ``latent_aware`` turns on latent-aware denoising (flow-matching
+    canonical spelling. ``lora`` names LoRA adapters from the server's LoRA directory:
+    a name (scale 1.0) or a list of ``{"name": ..., "scale": ...}`` (or ``(name, scale)``
+    pairs), at most 8, scales in -8..8; resolved to a tuple of ``(name, scale)`` pairs.
+    ``latent_aware`` turns on latent-aware denoising (flow-matching
     models only; see ``glideserve.runner.latent_aware``; ``None``: the engine's default).
     """
 
@@ -54,6 +60,7 @@ class GenerationParams:
     priority: int = 0
     cache: str | None = None
     latent_aware: bool | None = None
+    lora: object = ()
 
     def resolve(self, spec: ModelSpec, max_image_side: int = 2048, default_cache: str = "none",
                 default_latent_aware: bool = False) -> "GenerationParams":
@@ -109,7 +116,7 @@ class GenerationParams:
                                       f"{spec.family} model", "latent_aware")
         return dataclasses.replace(self, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
                                    height=height, width=width, sampler=sampler, slo_ms=slo_ms, cache=str(cache),
-                                   latent_aware=latent_aware)
+                                   latent_aware=latent_aware, lora=resolve_lora(self.lora))
 
     def preview_steps(self, num_steps: int) -> frozenset[int]:
         """Steps (counted from 1) after which a preview is produced: evenly spaced, never the last."""
@@ -120,6 +127,37 @@ class GenerationParams:
     def uses_cfg(self) -> bool:
         """Classifier-free guidance doubles the rows; guidance <= 1 runs the conditional row only."""
         return self.guidance_scale is not None and self.guidance_scale > 1.0
+
+
+def resolve_lora(value: object) -> tuple[tuple[str, float], ...]:
+    """``lora`` in any accepted form as a tuple of ``(name, scale)`` pairs; InvalidRequestError otherwise."""
+    if value is None or value == () or value == []:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or len(items) > MAX_LORAS_PER_REQUEST:
+        raise InvalidRequestError(f"lora must be a name or a list of at most {MAX_LORAS_PER_REQUEST} "
+                                  '{"name": ..., "scale": ...} objects', "lora")
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            name, scale = item, 1.0
+        elif isinstance(item, dict) and set(item) <= {"name", "scale"} and "name" in item:
+            name, scale = item["name"], item.get("scale", 1.0)
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            name, scale = item
+        else:
+            raise InvalidRequestError('each lora entry must be a name or {"name": ..., "scale": ...}', "lora")
+        if not isinstance(name, str) or not LORA_NAME.fullmatch(name):
+            raise InvalidRequestError("a LoRA name is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                                      f"or digit; got {name!r}", "lora")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise InvalidRequestError(f"a LoRA scale must be a number in -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}, "
+                                      f"got {scale!r}", "lora")
+        pairs.append((name, float(scale)))
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise InvalidRequestError("a LoRA is named twice; give each adapter once with its scale", "lora")
+    return tuple(pairs)
 
 
 def _check_prompt(text: object, field: str, allow_empty: bool = False) -> None:

@@ -173,6 +173,9 @@ class PipelineBackend(abc.ABC):
         if resolved.cache != "none":
             raise InvalidRequestError(f"this baseline runs the diffusers pipeline and caches no steps; "
                                       f"omit cache (got {resolved.cache!r}) or use --system glideserve", "cache")
+        if resolved.lora:
+            raise InvalidRequestError("the baselines serve no LoRA adapters; omit lora or use --system glideserve",
+                                      "lora")
         if resolved.latent_aware:
             raise InvalidRequestError("this baseline runs the diffusers pipeline, which has no latent-aware "
                                       "denoising; omit latent_aware or use --system glideserve", "latent_aware")

@@ -62,6 +62,15 @@ def read_prompts_file(path: Path) -> list[PromptFileEntry]:
     return entries
 
 
+def _lora_option(text: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME:SCALE``."""
+    name, sep, scale = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        return (name, float(scale)) if sep else (text, 1.0)
+    except ValueError:
+        fail(f"--lora {text!r}: give NAME or NAME:SCALE with a number as SCALE")
+
+
 def _params(entry: PromptFileEntry, index: int, defaults: dict) -> GenerationParams:
     size = entry.size or defaults["size"]
     height, width = parse_size(size) if size else (None, None)
@@ -70,7 +79,7 @@ def _params(entry: PromptFileEntry, index: int, defaults: dict) -> GenerationPar
         prompt=entry.prompt, negative_prompt=entry.negative_prompt if entry.negative_prompt is not None
         else defaults["negative"], num_inference_steps=entry.steps if entry.steps is not None else defaults["steps"],
         guidance_scale=entry.guidance if entry.guidance is not None else defaults["guidance"], seed=seed,
-        height=height, width=width, sampler=entry.sampler or defaults["sampler"])
+        height=height, width=width, sampler=entry.sampler or defaults["sampler"], lora=defaults["lora"])
 
 
 def generate(
@@ -93,13 +102,16 @@ def generate(
     cache: str = typer.Option("none", help="Step caching: none (exact), glideserve:N, fora:N, taylorseer:N, "
                                            "teacache:T or fbcache:T."),
     latent_aware: bool = typer.Option(False, help="Latent-aware denoising (SD3 models)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help="LoRA adapter NAME or NAME:SCALE from --lora-dir "
+                                             "(repeatable)."),
+    lora_dir: Optional[Path] = typer.Option(None, help="Folder of LoRA adapters (.safetensors)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate images; several prompts are batched step by step in one engine."""
     if (prompt is None) == (prompts_file is None):
         fail("give either a PROMPT or --prompts-file, not both and not neither")
     defaults = {"size": size, "seed": seed, "negative": negative, "steps": steps, "guidance": guidance,
-                "sampler": sampler}
+                "sampler": sampler, "lora": [_lora_option(text) for text in lora or []]}
     try:
         entries = read_prompts_file(prompts_file) if prompts_file else [PromptFileEntry(prompt=prompt)]
         params = [_params(e, i, defaults) for i, e in enumerate(entries)]
@@ -108,7 +120,8 @@ def generate(
         engine = Engine.from_pretrained(model, single_file_config=config, allow_unsafe_pickle=allow_unsafe_pickle,
                                         max_batch_rows=max_batch_rows, max_waiting=max(len(params), 1),
                                         num_threads=threads, device=device, dtype=dtype, default_cache=cache,
-                                        latent_aware=latent_aware)
+                                        latent_aware=latent_aware,
+                                        lora_dir=None if lora_dir is None else str(lora_dir))
         results = engine.generate(params, progress=not quiet)
     except GlideServeError as exc:
         fail(exc.message)

@@ -140,6 +140,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                                 "block (0.33: at most 2 cached steps in a row)."),
         latent_aware: bool = typer.Option(False, help="Latent-aware denoising for requests that do not say "
                                                       "(SD3 models)."),
+        lora_dir: Optional[Path] = typer.Option(None, help="Folder of LoRA adapters (.safetensors) requests may "
+                                                           "name in `lora`; nothing outside it is read."),
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
@@ -162,7 +164,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                profile_cache=None if profile_cache is None else str(profile_cache),
                                default_cache=cache, full_slots=full_slots, cache_memory_mb=cache_memory_mb,
                                min_full_fraction=min_full_fraction,
-                               latent_aware=latent_aware)
+                               latent_aware=latent_aware, lora_dir=None if lora_dir is None else str(lora_dir))
             backend = make_backend(system, model, **options)
         except (GlideServeError, ValueError) as exc:
             typer.secho(f"error: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)

@@ -118,11 +118,21 @@ class EngineCore:
             raise ValueError(f"the server default for {exc.param} does not fit {self.spec.name}: {exc.message}") \
                 from None
 
+    def _check_loras(self, params: GenerationParams) -> None:
+        """Read (or find resident) every adapter a request names, so a bad one fails it at admission."""
+        if not params.lora:
+            return
+        if self.runner.loras is None:
+            raise InvalidRequestError("this server serves no LoRA adapters (start it with --lora-dir DIR)", "lora")
+        for name, _ in params.lora:
+            self.runner.loras.get(name)
+
     def add_request(self, params: GenerationParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
         resolved = params.resolve(self.spec, self.config.max_image_side, self.config.default_cache,
                                    self.config.latent_aware)
         policy = parse_cache_policy(resolved.cache)
+        self._check_loras(resolved)
         rid = request_id or params.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         num_steps = self.runner.samplers.num_iterations(
             resolved.sampler, resolved.num_inference_steps, resolved.height, resolved.width,

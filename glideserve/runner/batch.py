@@ -31,6 +31,7 @@ class RequestState:
     tokens_per_row: int
     preview_steps: frozenset[int] = frozenset()
     cache: FeatureCache | None = None
+    lora: tuple = ()  # ((LoraAdapter, scale), ...) for every row of the request
 
     @property
     def rows(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -14,6 +15,7 @@ from glideserve.runner.encode import PromptEncoder
 from glideserve.runner.families.base import DenoiserFamily
 from glideserve.runner.feature_cache import FeatureCache, RowGroup
 from glideserve.runner.latent_aware import latent_aware_step
+from glideserve.runner.lora import LoraStore, install_row_lora
 from glideserve.runner.samplers import SamplerFactory
 from glideserve.scheduler.output import (DecodeTiming, FinishedImage, GroupTiming, NewRequestData, RunnerOutput,
                                         SchedulerOutput)
@@ -40,6 +42,8 @@ class ModelRunner:
         self.config = config
         self.batch = PersistentBatch()
         self.encoder = PromptEncoder(family, config.prompt_cache_size)
+        self.loras = None if config.lora_dir is None else LoraStore(
+            config.lora_dir, family.denoiser_prefix, family.dtype, family.device, config.max_loras)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
@@ -97,7 +101,19 @@ class ModelRunner:
         cache = FeatureCache(policy) if policy.enabled and data.cache_granted else None
         return RequestState(data.request_id, p, latents, sampler, cond, generator,
                             family.spec.tokens_per_row(p.height, p.width), p.preview_steps(len(sampler.timesteps)),
-                            cache)
+                            cache, self._adapters(p))
+
+    def _adapters(self, params) -> tuple:
+        """The request's adapters, their layers wrapped in the denoiser (here, between forwards)."""
+        if not params.lora:
+            return ()
+        if self.loras is None:
+            raise ValueError("a request names a LoRA but the engine has no LoRA directory")
+        adapters = tuple((self.loras.get(name), scale) for name, scale in params.lora)
+        denoiser = self.family.denoiser_of(self.family.pipe)
+        for adapter, _ in adapters:
+            install_row_lora(denoiser, adapter.layers, self.family.lora_rows)
+        return adapters
 
     # -- one denoising step for one image size --------------------------------------
     def _denoise_group(self, states: list[RequestState], step_kinds, out: RunnerOutput) -> None:
@@ -112,8 +128,11 @@ class ModelRunner:
                                      s.sampler.index))
                 offset += s.rows
             key = states[0].shape_key
-            noise, kinds = self.family.denoise(torch.cat(inputs), torch.cat(timesteps).to(self.family.device),
-                                               self.batch.group_cond(key, states), rows)
+            per_row = [s.lora for s in states for _ in range(s.rows)]
+            scope = self.family.lora_rows.rows(per_row, self.family.device) if any(per_row) else nullcontext()
+            with scope:
+                noise, kinds = self.family.denoise(torch.cat(inputs), torch.cat(timesteps).to(self.family.device),
+                                                   self.batch.group_cond(key, states), rows)
             offset = 0
             for s, kind in zip(states, kinds):
                 out.step_kinds[s.request_id] = kind

@@ -176,6 +176,12 @@ def _failure(event: RequestFailed) -> Exception:
     return GenerationFailedError(f"image generation failed on the server: {event.message}")
 
 
+def _lora(value) -> object:
+    if value is None or isinstance(value, str):
+        return value or ()
+    return [{"name": ref.name, "scale": ref.scale} for ref in value]
+
+
 def _params(body: ImageGenerationRequest, default_slo_ms: float | None) -> list[GenerationParams]:
     height, width = body.height_width()
     base_seed = secrets.randbelow(2**31) if body.seed is None else body.seed
@@ -185,7 +191,7 @@ def _params(body: ImageGenerationRequest, default_slo_ms: float | None) -> list[
                              seed=seed, height=height, width=width, sampler=body.sampler,
                              partial_images=body.partial_images if body.stream else 0,
                              slo_ms=slo_ms, priority=body.priority or 0, cache=body.cache,
-                             latent_aware=body.latent_aware)
+                             latent_aware=body.latent_aware, lora=_lora(body.lora))
             for seed in body.seeds(base_seed)]
 
 

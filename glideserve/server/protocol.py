@@ -32,13 +32,22 @@ def _require_utf8(text: str | None, field: str) -> str | None:
     return text
 
 
+class LoraRef(BaseModel):
+    """One adapter of a request: its name in the server's LoRA directory and its scale."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(max_length=64)
+    scale: float = Field(default=1.0, ge=-8.0, le=8.0, allow_inf_nan=False)
+
+
 class ImageGenerationRequest(BaseModel):
     """Body of ``POST /v1/images/generations``: OpenAI's fields plus diffusion extensions.
 
     ``size`` is ``"WIDTHxHEIGHT"`` (or ``"auto"`` for the model's default); ``n``
     images use seeds ``seed, seed+1, ...``. Extension fields (``seed``,
     ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``sampler``,
-    ``slo_ms``, ``priority``, ``cache``, ``latent_aware``) travel in the OpenAI client's ``extra_body``.
+    ``slo_ms``, ``priority``, ``cache``, ``latent_aware``, ``lora``) travel in the OpenAI client's ``extra_body``.
     Range checks that depend on the model (size multiple, sampler names) happen
     when the engine admits the request.
     """
@@ -76,6 +85,8 @@ class ImageGenerationRequest(BaseModel):
                                           "server's --cache)")
     latent_aware: bool | None = Field(default=None, description="latent-aware denoising (SD3 models; default: "
                                                                 "the server's --latent-aware)")
+    lora: str | list[LoraRef] | None = Field(default=None, description="LoRA adapters from the server's "
+                                             "--lora-dir: a name (scale 1.0) or a list of {name, scale}, at most 8")
 
     @field_validator("prompt")
     @classmethod

@@ -94,6 +94,8 @@ def test_stream_with_n_completes_every_image(openai_client):
     ({"extra_body": {"cache": "glideserve:0"}}, "cache"),
     ({"extra_body": {"cache": 5}}, "cache"),
     ({"extra_body": {"latent_aware": "yes"}}, "latent_aware"),
+    ({"extra_body": {"lora": "style"}}, "lora"),
+    ({"extra_body": {"lora": "../etc/passwd"}}, "lora"),
     ({"response_format": "jpeg"}, "response_format"),
 ])
 def test_client_mistakes_get_400_with_envelope(openai_client, kwargs, param):

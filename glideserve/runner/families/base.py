@@ -10,6 +10,7 @@ from glideserve.cache.policy import CachePolicy, StepKind
 from glideserve.models.spec import ModelSpec
 from glideserve.params import GenerationParams
 from glideserve.runner.feature_cache import RowGroup
+from glideserve.runner.lora import RowAdapters
 from glideserve.runner.samplers import Sampler
 
 Cond = dict[str, torch.Tensor]  # conditioning tensors of one or more rows, batch dim first
@@ -37,6 +38,8 @@ class DenoiserFamily:
     default_cache: str = "none"  # what ``--cache auto`` means for this family
     default_steps: int = 50
     default_guidance: float = 7.5
+
+    denoiser_prefix: str = ""  # the denoiser's key prefix in diffusers LoRA files
 
     @staticmethod
     def denoiser_of(pipe):
@@ -70,6 +73,7 @@ class DenoiserFamily:
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        self.lora_rows = RowAdapters()  # set by the runner around each forward; narrowed by the block loop
 
     def encode(self, prompts: list[str]) -> list[Cond]:
         """One conditioning dict per prompt, each with a batch dimension of 1."""

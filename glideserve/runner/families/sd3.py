@@ -27,6 +27,7 @@ class SD3Family(DenoiserFamily):
     default_cache = "adaptive"  # exact at low load; see docs/caching.md for why it is the default
     default_steps = 28
     default_guidance = 7.0
+    denoiser_prefix = "transformer"
 
     @staticmethod
     def denoiser_of(pipe):
@@ -48,7 +49,7 @@ class SD3Family(DenoiserFamily):
     def __init__(self, *args, max_sequence_length: int = 256, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_sequence_length = max_sequence_length
-        self.loop = SD3BlockLoop(self.pipe.transformer)
+        self.loop = SD3BlockLoop(self.pipe.transformer, self.lora_rows)
 
     def encode(self, prompts: list[str]) -> list[Cond]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(

@@ -10,10 +10,13 @@ timestep, and the output is in the batch's row order.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from glideserve.cache.policy import StepKind
 from glideserve.runner.feature_cache import RowGroup, relative_l1, row_index
+from glideserve.runner.lora import RowAdapters
 
 FULL, CACHED, AUTO = StepKind.FULL, StepKind.CACHED, StepKind.AUTO
 
@@ -74,8 +77,9 @@ def reuse_block(block, hidden, temb, stored: tuple[torch.Tensor, ...]):
 class SD3BlockLoop:
     """Per-row step kinds for one ``SD3Transformer2DModel``; see the module docstring."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, lora_rows: RowAdapters | None = None):
         self.model = transformer
+        self.lora_rows = lora_rows if lora_rows is not None else RowAdapters()
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                  groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
@@ -92,7 +96,8 @@ class SD3BlockLoop:
         finals: list[torch.Tensor | None] = [None] * len(groups)
         computing = [i for i, k in enumerate(kinds) if k is not CACHED]  # FULL, and AUTO (fbcache) run block 0
         if computing:
-            self._compute(groups, kinds, computing, hidden0, temb, cond["encoder_hidden_states"], finals)
+            with contextlib.ExitStack() as scopes:  # per-row LoRA follows the rows each forward runs
+                self._compute(groups, kinds, computing, hidden0, temb, cond["encoder_hidden_states"], finals, scopes)
         for i, g in enumerate(groups):
             if kinds[i] is CACHED and finals[i] is None:
                 finals[i] = self._cached(g, hidden0[g.start:g.stop], temb[g.start:g.stop])
@@ -100,10 +105,11 @@ class SD3BlockLoop:
         return self._head(hidden, temb, height, width), kinds
 
     # -- full rows (and First-Block-Cache's first block) ---------------------------------
-    def _compute(self, groups, kinds, computing, hidden0, temb, context_in, finals) -> None:
+    def _compute(self, groups, kinds, computing, hidden0, temb, context_in, finals, scopes) -> None:
         model, blocks = self.model, self.model.transformer_blocks
         everyone = len(computing) == len(groups)
         idx = None if everyone else row_index(groups, computing, hidden0.device)
+        scopes.enter_context(self.lora_rows.narrow(idx))
         hidden = hidden0 if everyone else hidden0[idx]
         temb_sub = temb if everyone else temb[idx]
         context = model.context_embedder(context_in if everyone else context_in[idx])
@@ -127,7 +133,9 @@ class SD3BlockLoop:
                     still = [j for j, k in enumerate(keep) if k is not CACHED]
                     if not still:
                         return
-                    sub = torch.cat([torch.arange(offsets[j], offsets[j] + members[j].rows) for j in still])
+                    sub = torch.cat([torch.arange(offsets[j], offsets[j] + members[j].rows, device=hidden.device)
+                                     for j in still])
+                    scopes.enter_context(self.lora_rows.narrow(sub))
                     hidden, context, temb_sub, first_input = hidden[sub], context[sub], temb_sub[sub], first_input[sub]
                     computing = [computing[j] for j in still]
                     members = [members[j] for j in still]

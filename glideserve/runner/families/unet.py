@@ -23,6 +23,7 @@ class SD15Family(DenoiserFamily):
     cache_policies = ("none", "deepcache")
     default_steps = 50
     default_guidance = 7.5
+    denoiser_prefix = "unet"
 
     @staticmethod
     def denoiser_of(pipe):
@@ -40,7 +41,7 @@ class SD15Family(DenoiserFamily):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loop = UNetBlockLoop(self.pipe.unet)
+        self.loop = UNetBlockLoop(self.pipe.unet, self.lora_rows)
 
     def encode(self, prompts: list[str]) -> list[Cond]:
         embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)

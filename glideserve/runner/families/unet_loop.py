@@ -14,6 +14,7 @@ import torch
 
 from glideserve.cache.policy import StepKind
 from glideserve.runner.feature_cache import RowGroup, row_index
+from glideserve.runner.lora import RowAdapters
 
 FULL, CACHED = StepKind.FULL, StepKind.CACHED
 
@@ -27,8 +28,9 @@ def _call(block, sample, emb, context, **kwargs):
 class UNetBlockLoop:
     """Per-row step kinds for one ``UNet2DConditionModel``; see the module docstring."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, lora_rows: RowAdapters | None = None):
         self.model = unet
+        self.lora_rows = lora_rows if lora_rows is not None else RowAdapters()
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                  groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
@@ -59,7 +61,8 @@ class UNetBlockLoop:
             for selected, run in ((full, self._full), (cached, self._cached)):
                 if selected:
                     idx = row_index(groups, selected, latents.device)
-                    out[idx] = run(sample[idx], emb[idx], context[idx], forward_upsample_size, groups, selected)
+                    with self.lora_rows.narrow(idx):  # per-row LoRA follows the rows this forward runs
+                        out[idx] = run(sample[idx], emb[idx], context[idx], forward_upsample_size, groups, selected)
         return out, kinds
 
     def _full(self, sample, emb, context, forward_upsample_size, groups, selected):

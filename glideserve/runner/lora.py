@@ -1,0 +1,249 @@
+"""Per-row LoRA: adapters beside the unmerged base weights, each row of a batch with its own deltas.
+
+A ``LoraAdapter`` holds, per target ``nn.Linear`` of the denoiser, the low-rank pair
+``(A, B)`` and its scaling (``lora_alpha / r``). ``RowLoRALinear`` replaces such a
+linear layer inside this engine's own denoiser instance (nothing is patched globally)
+and adds, for every row, the deltas of the adapters that row asked for:
+``out = base(x) + sum_i scale_i * alpha_i / r_i * (x A_i^T) B_i^T``, in the order the
+request lists them, as peft does for ``set_adapters(names, weights)``. Rows without an
+adapter pay nothing beyond the base layer; an adapter's delta is computed only on the
+rows that use it.
+
+``RowAdapters`` says which adapters each row of the current forward uses. The block
+loop narrows it when it runs a subset of the rows (full rows of a mixed batch), so a
+layer always sees the mapping of exactly the rows it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glideserve.errors import InvalidRequestError
+
+# Linear layers a served LoRA may target: those that run only when a row computes its blocks in full.
+TARGETABLE_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                       "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                       "ff_context.net.2")
+
+
+@dataclass(eq=False)
+class LoraAdapter:
+    """One adapter's low-rank pairs by module path (inside the denoiser), and its scaling."""
+
+    name: str
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.layers.values() for t in pair)
+
+
+def read_lora_file(path: Path, name: str, denoiser_prefix: str, dtype: torch.dtype,
+                   device: torch.device) -> LoraAdapter:
+    """A diffusers/peft LoRA file (``save_lora_weights``) for the denoiser, validated before use."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidRequestError(f"LoRA {name!r} is not a readable safetensors file: {exc}", "lora") from None
+    prefix = denoiser_prefix + "."
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise InvalidRequestError(
+                f"LoRA {name!r} has the key {key!r}: only {denoiser_prefix} LoRAs in diffusers/peft format "
+                "(lora_A/lora_B weights) are served", "lora")
+        module, _, which = key[len(prefix):].rpartition(".lora_")
+        pairs.setdefault(module, {})[which[0]] = value
+    if not pairs:
+        raise InvalidRequestError(f"LoRA {name!r} holds no {denoiser_prefix} weights", "lora")
+    layers = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise InvalidRequestError(f"LoRA {name!r}: {module} lacks its lora_A or lora_B weight", "lora")
+        if not module.endswith(TARGETABLE_SUFFIXES):
+            raise InvalidRequestError(f"LoRA {name!r} targets {module}, which per-row LoRA does not serve "
+                                      f"(attention and feed-forward projections only)", "lora")
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise InvalidRequestError(f"LoRA {name!r}: {module} has mismatched shapes {tuple(a.shape)} and "
+                                      f"{tuple(b.shape)}", "lora")
+        layers[module] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+    rank = next(iter(layers.values()))[0].shape[0]
+    alpha = _alpha(metadata, denoiser_prefix, rank)
+    return LoraAdapter(name, layers, alpha / rank)
+
+
+def _alpha(metadata: dict, prefix: str, rank: int) -> float:
+    """``lora_alpha`` from diffusers' adapter metadata; without it diffusers loads alpha = r."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return float(rank)
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return float(rank)
+    value = data.get(f"{prefix}.lora_alpha", data.get("lora_alpha", rank))
+    return float(value) if isinstance(value, (int, float)) else float(rank)
+
+
+class RowAdapters:
+    """The adapters of each row of the current forward; see the module docstring."""
+
+    def __init__(self):
+        self._levels: list[list[tuple[tuple[LoraAdapter, float], ...]]] = []
+        self._plans: list[list[tuple[LoraAdapter, torch.Tensor, torch.Tensor]]] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._levels) and bool(self._plans[-1])
+
+    @contextlib.contextmanager
+    def rows(self, per_row: list[tuple[tuple[LoraAdapter, float], ...]], device: torch.device):
+        """Set the adapters of every row for one forward."""
+        self._push(per_row, device)
+        try:
+            yield
+        finally:
+            self._pop()
+
+    @contextlib.contextmanager
+    def narrow(self, index: torch.Tensor | None):
+        """Within this block, the forward runs only the rows at ``index`` (in that order)."""
+        if index is None or not self._levels:
+            yield
+            return
+        current = self._levels[-1]
+        self._push([current[i] for i in index.tolist()], index.device)
+        try:
+            yield
+        finally:
+            self._pop()
+
+    def plan(self) -> list[tuple[LoraAdapter, torch.Tensor, torch.Tensor]]:
+        """Per adapter in use: the rows that use it and each row's scale, in first-use order."""
+        return self._plans[-1] if self._levels else []
+
+    def _push(self, per_row, device) -> None:
+        by_adapter: dict[int, tuple[LoraAdapter, list[int], list[float]]] = {}
+        for row, adapters in enumerate(per_row):
+            for adapter, scale in adapters:
+                entry = by_adapter.setdefault(id(adapter), (adapter, [], []))
+                entry[1].append(row)
+                entry[2].append(scale)
+        self._levels.append(per_row)
+        self._plans.append([(adapter, torch.tensor(rows, device=device), torch.tensor(scales))
+                            for adapter, rows, scales in by_adapter.values()])
+
+    def _pop(self) -> None:
+        self._levels.pop()
+        self._plans.pop()
+
+
+class RowLoRALinear(nn.Module):
+    """A linear layer of the denoiser with per-row LoRA deltas; the base layer is kept unmerged."""
+
+    def __init__(self, base: nn.Linear, path: str, rows: RowAdapters):
+        super().__init__()
+        self.base = base
+        self.path = path
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.rows.active:
+            return out
+        for adapter, index, scales in self.rows.plan():
+            pair = adapter.layers.get(self.path)
+            if pair is None:
+                continue
+            a, b = pair
+            scale = (scales * adapter.scaling).to(out).view(-1, *([1] * (x.dim() - 1)))
+            delta = nn.functional.linear(nn.functional.linear(x[index], a), b) * scale
+            out = out.index_add(0, index, delta)
+        return out
+
+
+def install_row_lora(denoiser: nn.Module, paths, rows: RowAdapters) -> int:
+    """Wrap the denoiser's linear layers at ``paths`` (once each); returns how many were wrapped now."""
+    wrapped = 0
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = denoiser.get_submodule(parent_path) if parent_path else denoiser
+        layer = getattr(parent, child) if not child.isdigit() else parent[int(child)]
+        if isinstance(layer, RowLoRALinear):
+            continue
+        if not isinstance(layer, nn.Linear):
+            raise InvalidRequestError(f"LoRA targets {path}, which is not a linear layer of this model", "lora")
+        replacement = RowLoRALinear(layer, path, rows)
+        if child.isdigit():
+            parent[int(child)] = replacement
+        else:
+            setattr(parent, child, replacement)
+        wrapped += 1
+    return wrapped
+
+
+class LoraStore:
+    """Adapters from one directory, by name; files are read once and the most recently used kept.
+
+    ``NAME`` is ``DIR/NAME.safetensors`` or ``DIR/NAME/pytorch_lora_weights.safetensors``
+    (diffusers' ``save_lora_weights``). Names are plain (letters, digits, ``._-``), and the
+    resolved file must stay inside the directory, so neither ``..`` nor a symlink can
+    reach outside it. Only safetensors are read.
+    """
+
+    def __init__(self, directory: str | Path, denoiser_prefix: str, dtype: torch.dtype, device: torch.device,
+                 max_resident: int = 16):
+        self.directory = Path(directory).resolve()
+        if not self.directory.is_dir():
+            raise ValueError(f"the LoRA directory {directory} does not exist")
+        self.denoiser_prefix = denoiser_prefix
+        self.dtype, self.device = dtype, device
+        self.max_resident = max_resident
+        self._resident: dict[str, LoraAdapter] = {}
+        self._lock = threading.Lock()  # admission (any thread) and prefill (the compute thread) both look up
+
+    def path_of(self, name: str) -> Path:
+        from glideserve.errors import LoraNotFoundError
+
+        for candidate in (self.directory / f"{name}.safetensors",
+                          self.directory / name / "pytorch_lora_weights.safetensors"):
+            if candidate.is_file():
+                real = candidate.resolve()
+                if not real.is_relative_to(self.directory):
+                    raise InvalidRequestError(f"LoRA {name!r} points outside the LoRA directory", "lora")
+                return real
+        raise LoraNotFoundError(f"no LoRA named {name!r} in the server's LoRA directory; GET /v1/loras lists them",
+                                "lora")
+
+    def get(self, name: str) -> LoraAdapter:
+        with self._lock:
+            adapter = self._resident.pop(name, None)
+        if adapter is None:
+            adapter = read_lora_file(self.path_of(name), name, self.denoiser_prefix, self.dtype, self.device)
+        with self._lock:
+            self._resident[name] = adapter  # most recently used last
+            while len(self._resident) > self.max_resident:
+                self._resident.pop(next(iter(self._resident)))
+        return adapter
+
+    def available(self) -> list[str]:
+        names = {p.stem for p in self.directory.glob("*.safetensors")}
+        names |= {p.parent.name for p in self.directory.glob("*/pytorch_lora_weights.safetensors")}
+        return sorted(names)
