@@ -18,15 +18,17 @@ import time
 import torch
 
 from glideserve import Engine, GenerationParams
+from glideserve.cache.policy import StepKind
 from glideserve.models.build import SD3Dims, build_sd3_pipeline
 
 
 def time_steps(engine: Engine, batch: int, steps: int, noop: bool) -> tuple[float, float]:
     """Mean seconds per engine step and per scheduler call, with all ``batch`` requests running."""
     family = engine.core.runner.family
-    real_forward = family.forward
+    real_denoise = family.denoise
     if noop:
-        family.forward = lambda latents, timesteps, cond: torch.zeros_like(latents)
+        family.denoise = lambda latents, timesteps, cond, groups: (torch.zeros_like(latents),
+                                                                   [StepKind.FULL] * len(groups))
     try:
         for i in range(batch):
             engine.add_request(GenerationParams(f"prompt {i}", num_inference_steps=steps + 5, seed=i,
@@ -55,7 +57,7 @@ def time_steps(engine: Engine, batch: int, steps: int, noop: bool) -> tuple[floa
             engine.step()
         return elapsed / steps, sched_time / steps
     finally:
-        family.forward = real_forward
+        family.denoise = real_denoise
 
 
 def main() -> None:
