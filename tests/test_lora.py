@@ -116,27 +116,49 @@ def test_lora_rows_keep_their_own_feature_cache(tiny_sd3_dir, lora_dir):
     assert np.abs(np.array(both["l"].image, dtype=int) - np.array(both["p"].image, dtype=int)).max() > 10
 
 
-def test_unet_rows_with_and_without_a_lora_equal_diffusers(tiny_sd15_dir, tmp_path):
+def _kohya_twin(diffusers_file, out_file, alpha: float) -> None:
+    """The same adapter under kohya/civitai key names, as a single file (``lora_down``/``lora_up``/``alpha``)."""
+    from safetensors.torch import load_file, save_file
+
+    kohya = {}
+    for key, value in load_file(diffusers_file).items():
+        module, _, which = key.removeprefix("unet.").rpartition(".lora_")
+        base = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{base}.lora_down.weight" if which.startswith("A") else f"{base}.lora_up.weight"] = value
+        kohya[f"{base}.alpha"] = torch.tensor(alpha)
+    save_file(kohya, out_file)
+
+
+def test_unet_rows_with_a_lora_its_kohya_twin_and_none_equal_diffusers(tiny_sd15_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
     torch.manual_seed(5)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False),
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
                           adapter_name="u")
     StableDiffusionPipeline.save_lora_weights(tmp_path, weight_name="u.safetensors",
-                                              unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="u"))
+                                              unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="u"),
+                                              unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8,
+                                                                          "target_modules": TARGETS})
+    _kohya_twin(tmp_path / "u.safetensors", tmp_path / "civitai-style.safetensors", alpha=8.0)
     engine = Engine.from_pretrained(tiny_sd15_dir, lora_dir=str(tmp_path))
     base = dict(num_inference_steps=4, guidance_scale=5.0, seed=9)
-    got = {r.request_id: r.image for r in engine.generate([
-        GenerationParams("a cat", lora="u", request_id="u", **base), GenerationParams("a cat", request_id="n", **base)])}
+    got = {r.request_id: np.array(r.image, dtype=int) for r in engine.generate([
+        GenerationParams("a cat", lora="u", request_id="u", **base),
+        GenerationParams("a cat", lora="civitai-style", request_id="k", **base),
+        GenerationParams("a cat", request_id="n", **base)])}
     reference = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
     reference.set_progress_bar_config(disable=True)
-    plain = reference("a cat", num_inference_steps=4, guidance_scale=5.0,
-                      generator=torch.Generator("cpu").manual_seed(9)).images[0]
+
+    def call():
+        return np.array(reference("a cat", num_inference_steps=4, guidance_scale=5.0,
+                                  generator=torch.Generator("cpu").manual_seed(9)).images[0], dtype=int)
+
+    plain = call()
     reference.load_lora_weights(tmp_path, weight_name="u.safetensors", adapter_name="u")
-    adapted = reference("a cat", num_inference_steps=4, guidance_scale=5.0,
-                        generator=torch.Generator("cpu").manual_seed(9)).images[0]
-    for rid, want in (("u", adapted), ("n", plain)):
-        assert np.abs(np.array(got[rid], dtype=int) - np.array(want, dtype=int)).max() <= 2, rid
+    adapted = call()
+    assert np.abs(adapted - plain).max() > 10  # the adapter changes the image
+    for rid, want in (("u", adapted), ("k", adapted), ("n", plain)):
+        assert np.abs(got[rid] - want).max() <= 2, rid

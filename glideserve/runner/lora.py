@@ -35,11 +35,10 @@ TARGETABLE_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_
 
 @dataclass(eq=False)
 class LoraAdapter:
-    """One adapter's low-rank pairs by module path (inside the denoiser), and its scaling."""
+    """One adapter: per module path (inside the denoiser) its low-rank pair and scaling (alpha / r)."""
 
     name: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    scaling: float
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
     @property
     def rank(self) -> int:
@@ -47,12 +46,16 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.layers.values() for t in pair)
+        return sum(t.numel() * t.element_size() for a, b, _ in self.layers.values() for t in (a, b))
 
 
-def read_lora_file(path: Path, name: str, denoiser_prefix: str, dtype: torch.dtype,
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
+
+
+def read_lora_file(path: Path, name: str, denoiser_prefix: str, pipeline_class: str, dtype: torch.dtype,
                    device: torch.device) -> LoraAdapter:
-    """A diffusers/peft LoRA file (``save_lora_weights``) for the denoiser, validated before use."""
+    """A LoRA file for the denoiser, validated before use: diffusers/peft keys (``save_lora_weights``),
+    or kohya/civitai keys (``lora_unet_*``), converted with diffusers' own converter."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -61,15 +64,13 @@ def read_lora_file(path: Path, name: str, denoiser_prefix: str, dtype: torch.dty
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise InvalidRequestError(f"LoRA {name!r} is not a readable safetensors file: {exc}", "lora") from None
-    prefix = denoiser_prefix + "."
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if not key.startswith(prefix) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise InvalidRequestError(
-                f"LoRA {name!r} has the key {key!r}: only {denoiser_prefix} LoRAs in diffusers/peft format "
-                "(lora_A/lora_B weights) are served", "lora")
-        module, _, which = key[len(prefix):].rpartition(".lora_")
-        pairs.setdefault(module, {})[which[0]] = value
+    if any(key.startswith(KOHYA_PREFIXES) for key in tensors):
+        pairs, alphas = _from_kohya(tensors, name, denoiser_prefix, pipeline_class)
+    else:
+        pairs, alphas = _from_peft(tensors, name, denoiser_prefix), {}
+        default_alpha = _metadata_alpha(metadata, denoiser_prefix)
+        if default_alpha is not None:
+            alphas = {module: default_alpha for module in pairs}
     if not pairs:
         raise InvalidRequestError(f"LoRA {name!r} holds no {denoiser_prefix} weights", "lora")
     layers = {}
@@ -83,23 +84,62 @@ def read_lora_file(path: Path, name: str, denoiser_prefix: str, dtype: torch.dty
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise InvalidRequestError(f"LoRA {name!r}: {module} has mismatched shapes {tuple(a.shape)} and "
                                       f"{tuple(b.shape)}", "lora")
-        layers[module] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-    rank = next(iter(layers.values()))[0].shape[0]
-    alpha = _alpha(metadata, denoiser_prefix, rank)
-    return LoraAdapter(name, layers, alpha / rank)
+        rank = a.shape[0]
+        # Without an alpha diffusers loads alpha = r: a scaling of 1.
+        scaling = alphas.get(module, float(rank)) / rank
+        layers[module] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), scaling)
+    return LoraAdapter(name, layers)
 
 
-def _alpha(metadata: dict, prefix: str, rank: int) -> float:
-    """``lora_alpha`` from diffusers' adapter metadata; without it diffusers loads alpha = r."""
+def _from_peft(tensors: dict, name: str, prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix + ".") or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise InvalidRequestError(
+                f"LoRA {name!r} has the key {key!r}: only {prefix} LoRAs in diffusers/peft or kohya format are "
+                "served (text-encoder LoRAs are not served yet)", "lora")
+        module, _, which = key[len(prefix) + 1:].rpartition(".lora_")
+        pairs.setdefault(module, {})[which[0]] = value
+    return pairs
+
+
+def _from_kohya(tensors: dict, name: str, prefix: str, pipeline_class: str):
+    """kohya/civitai keys through diffusers' converter (the one ``load_lora_weights`` uses), then to peft keys."""
+    import diffusers
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    if prefix != "unet":
+        raise InvalidRequestError(f"LoRA {name!r} uses kohya key names, served for UNet models only", "lora")
+    if any(not key.startswith("lora_unet_") for key in tensors):
+        raise InvalidRequestError(f"LoRA {name!r} holds text-encoder weights (lora_te*), which are not served "
+                                  "yet", "lora")
+    try:
+        state, network_alphas = getattr(diffusers, pipeline_class).lora_state_dict(dict(tensors))
+        unet = {key[len("unet."):]: value for key, value in state.items() if key.startswith("unet.")}
+        peft_state = convert_unet_state_dict_to_peft(unet)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise InvalidRequestError(f"LoRA {name!r}: its kohya keys could not be converted: {exc}", "lora") from None
+    pairs = _from_peft({f"{prefix}.{key}": value for key, value in peft_state.items()}, name, prefix)
+    alphas = {}
+    for key, alpha in (network_alphas or {}).items():
+        if key.startswith("unet."):
+            down = key[len("unet."):].removesuffix(".alpha")
+            for converted in convert_unet_state_dict_to_peft({down: torch.zeros(1)}):
+                alphas[converted.rpartition(".lora_")[0]] = float(alpha)
+    return pairs, alphas
+
+
+def _metadata_alpha(metadata: dict, prefix: str) -> float | None:
+    """``lora_alpha`` from diffusers' adapter metadata, if the file has it."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
-        return float(rank)
+        return None
     try:
         data = json.loads(raw)
     except ValueError:
-        return float(rank)
-    value = data.get(f"{prefix}.lora_alpha", data.get("lora_alpha", rank))
-    return float(value) if isinstance(value, (int, float)) else float(rank)
+        return None
+    value = data.get(f"{prefix}.lora_alpha", data.get("lora_alpha"))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 class RowAdapters:
@@ -169,11 +209,11 @@ class RowLoRALinear(nn.Module):
         if not self.rows.active:
             return out
         for adapter, index, scales in self.rows.plan():
-            pair = adapter.layers.get(self.path)
-            if pair is None:
+            layer = adapter.layers.get(self.path)
+            if layer is None:
                 continue
-            a, b = pair
-            scale = (scales * adapter.scaling).to(out).view(-1, *([1] * (x.dim() - 1)))
+            a, b, scaling = layer
+            scale = (scales * scaling).to(out).view(-1, *([1] * (x.dim() - 1)))
             delta = nn.functional.linear(nn.functional.linear(x[index], a), b) * scale
             out = out.index_add(0, index, delta)
         return out
@@ -208,12 +248,13 @@ class LoraStore:
     reach outside it. Only safetensors are read.
     """
 
-    def __init__(self, directory: str | Path, denoiser_prefix: str, dtype: torch.dtype, device: torch.device,
-                 max_resident: int = 16):
+    def __init__(self, directory: str | Path, denoiser_prefix: str, pipeline_class: str, dtype: torch.dtype,
+                 device: torch.device, max_resident: int = 16):
         self.directory = Path(directory).resolve()
         if not self.directory.is_dir():
             raise ValueError(f"the LoRA directory {directory} does not exist")
         self.denoiser_prefix = denoiser_prefix
+        self.pipeline_class = pipeline_class
         self.dtype, self.device = dtype, device
         self.max_resident = max_resident
         self._resident: dict[str, LoraAdapter] = {}
@@ -236,7 +277,8 @@ class LoraStore:
         with self._lock:
             adapter = self._resident.pop(name, None)
         if adapter is None:
-            adapter = read_lora_file(self.path_of(name), name, self.denoiser_prefix, self.dtype, self.device)
+            adapter = read_lora_file(self.path_of(name), name, self.denoiser_prefix, self.pipeline_class,
+                                     self.dtype, self.device)
         with self._lock:
             self._resident[name] = adapter  # most recently used last
             while len(self._resident) > self.max_resident:

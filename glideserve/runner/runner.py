@@ -43,7 +43,8 @@ class ModelRunner:
         self.batch = PersistentBatch()
         self.encoder = PromptEncoder(family, config.prompt_cache_size)
         self.loras = None if config.lora_dir is None else LoraStore(
-            config.lora_dir, family.denoiser_prefix, family.dtype, family.device, config.max_loras)
+            config.lora_dir, family.denoiser_prefix, family.pipeline_class, family.dtype, family.device,
+            config.max_loras)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
