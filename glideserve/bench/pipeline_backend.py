@@ -218,6 +218,9 @@ class PipelineBackend(abc.ABC):
                            last.num_rows if last else 0, last.num_requests if last else 0,
                            dropped_total=self._shed_total)
 
+    def loras(self) -> list[dict]:
+        return []  # the baselines serve no adapters
+
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)
 

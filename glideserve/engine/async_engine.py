@@ -108,6 +108,10 @@ class AsyncEngine:
         self._wake.set()
         return found
 
+    def loras(self) -> list[dict]:
+        store = self.core.runner.loras
+        return [] if store is None else store.describe()
+
     def stats(self) -> EngineStats:
         last = self.core.last_step
         sched = self.core.scheduler

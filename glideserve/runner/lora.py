@@ -239,6 +239,11 @@ def install_row_lora(denoiser: nn.Module, paths, rows: RowAdapters) -> int:
     return wrapped
 
 
+def _suffix(module: str) -> str:
+    """The layer kind of a module path (``to_q``, ``ff.net.2``, ...)."""
+    return max((sfx for sfx in TARGETABLE_SUFFIXES if module.endswith(sfx)), key=len)
+
+
 class LoraStore:
     """Adapters from one directory, by name; files are read once and the most recently used kept.
 
@@ -284,6 +289,18 @@ class LoraStore:
             while len(self._resident) > self.max_resident:
                 self._resident.pop(next(iter(self._resident)))
         return adapter
+
+    def describe(self) -> list[dict]:
+        """Every adapter in the directory: whether it is resident and, if so, its rank and target layers."""
+        with self._lock:
+            resident = dict(self._resident)
+        cards = []
+        for name in self.available():
+            adapter = resident.get(name)
+            cards.append({"name": name, "resident": adapter is not None,
+                          "rank": adapter.rank if adapter else None,
+                          "target_modules": sorted({_suffix(m) for m in adapter.layers}) if adapter else None})
+        return cards
 
     def available(self) -> list[str]:
         names = {p.stem for p in self.directory.glob("*.safetensors")}

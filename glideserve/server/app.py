@@ -17,7 +17,8 @@ from glideserve.server.backend import Backend
 from glideserve.server.errors import BodySizeLimitMiddleware, error_json, install_error_handlers
 from glideserve.server.images import get_state, require_api_key
 from glideserve.server.limits import BodyTimeoutMiddleware
-from glideserve.server.protocol import ErrorResponse, HealthResponse, ModelCard, ModelList, ServerStats
+from glideserve.server.protocol import (ErrorResponse, HealthResponse, LoraCard, LoraList, ModelCard, ModelList,
+                                        ServerStats)
 from glideserve.server.state import ServerConfig, ServerState
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,12 @@ def _v1_router() -> APIRouter:
         """The one model this server serves."""
         state = get_state(request)
         return ModelList(data=[ModelCard(id=state.model_id, created=state.created)])
+
+    @router.get("/loras", response_model=LoraList)
+    async def list_loras(request: Request) -> LoraList:
+        """The LoRA adapters requests may name (from --lora-dir), and which are resident."""
+        cards = await asyncio.to_thread(get_state(request).backend.loras)
+        return LoraList(data=[LoraCard(**card) for card in cards])
 
     @router.get("/stats", response_model=ServerStats)
     async def server_stats(request: Request) -> ServerStats:

@@ -38,7 +38,9 @@ class Backend(Protocol):
     ``num_waiting``, ``num_running``, ``steps_total``, ``last_step_s``,
     ``last_batch_rows`` and ``last_batch_requests``; step listeners receive an
     object with ``duration_s``, ``num_requests`` and ``num_rows`` after each step;
-    ``shutdown(drain=True)`` stops admitting and finishes every admitted request.
+    ``shutdown(drain=True)`` stops admitting and finishes every admitted request;
+    ``loras()`` lists the LoRA adapters it can serve (dicts with ``name``, ``resident``,
+    ``rank``, ``target_modules``), empty when it serves none.
     """
 
     spec: ModelSpec
@@ -52,5 +54,7 @@ class Backend(Protocol):
     def stats(self): ...
 
     def add_step_listener(self, fn: Callable[[object], None]) -> None: ...
+
+    def loras(self) -> list[dict]: ...
 
     async def shutdown(self, drain: bool = True) -> None: ...

@@ -238,6 +238,23 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoraCard(BaseModel):
+    """One adapter of the server's LoRA directory; rank and target layers once it has been read."""
+
+    name: str
+    object: Literal["lora"] = "lora"
+    resident: bool
+    rank: int | None = None
+    target_modules: list[str] | None = None
+
+
+class LoraList(BaseModel):
+    """Response of ``GET /v1/loras``."""
+
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
+
+
 class CancelResponse(BaseModel):
     """Response of ``DELETE /v1/requests/{id}``: the request will stop at its next step."""
 
