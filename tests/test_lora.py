@@ -97,7 +97,7 @@ def test_lora_names_are_validated_and_confined(tiny_sd3_dir, lora_dir, tmp_path)
 
 def test_a_lora_for_another_architecture_is_a_clear_400(tiny_sd3_dir, tiny_sd15_dir, lora_dir):
     unet = Engine.from_pretrained(tiny_sd15_dir, lora_dir=str(lora_dir))
-    with pytest.raises(InvalidRequestError, match="only unet LoRAs"):
+    with pytest.raises(InvalidRequestError, match="only denoiser and text-encoder LoRAs for this model"):
         unet.add_request(GenerationParams("x", lora="a"))
 
 
@@ -162,3 +162,79 @@ def test_unet_rows_with_a_lora_its_kohya_twin_and_none_equal_diffusers(tiny_sd15
     assert np.abs(adapted - plain).max() > 10  # the adapter changes the image
     for rid, want in (("u", adapted), ("k", adapted), ("n", plain)):
         assert np.abs(got[rid] - want).max() <= 2, rid
+
+
+def _merged_pipeline(model_dir, lora_file, scalings: dict[str, float]):
+    """The pipeline with each adapter layer merged into its base weight: W + scaling * B A."""
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir)
+    tensors = load_file(lora_file)
+    with torch.no_grad():
+        for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+            component, _, rest = key.partition(".")
+            path = rest.removesuffix(".lora_A.weight")
+            layer = getattr(pipe, component).get_submodule(path)
+            layer.weight += scalings[component] * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+    return pipe
+
+
+def test_text_encoder_loras_change_only_their_own_rows_prompts(tiny_sd3_dir, tmp_path):
+    """A LoRA on the transformer and the first CLIP text encoder: its rows equal diffusers; a plain row with the
+    same prompt, encoded in the same prefill, gets the plain embedding (the prompt cache keys on adapters)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    torch.manual_seed(3)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False),
+                                 adapter_name="t")
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                                       init_lora_weights=False), pipe.text_encoder, adapter_name="t")
+    with torch.no_grad():
+        for module in (pipe.transformer, pipe.text_encoder):
+            for key, param in module.named_parameters():
+                if "lora_B.t" in key:
+                    param.mul_(4.0)
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path, weight_name="t.safetensors",
+        transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="t"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="t"),
+        transformer_lora_adapter_metadata={"r": 4, "lora_alpha": 4, "target_modules": TARGETS},
+        text_encoder_lora_adapter_metadata={"r": 4, "lora_alpha": 8,
+                                            "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"]})
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, lora_dir=str(tmp_path))
+    params = {rid: GenerationParams("a red circle", num_inference_steps=4, guidance_scale=3.0, seed=7, height=32,
+                                    width=32, lora=lora, request_id=rid) for rid, lora in (("t", "t"), ("n", ()))}
+    got = {r.request_id: np.array(r.image, dtype=int) for r in engine.generate(list(params.values()))}
+    # Reference: diffusers' pipeline with the adapter merged into its weights (W + alpha/r * B A). diffusers'
+    # own text-encoder LoRA loader needs a newer peft than this environment has.
+    merged = _merged_pipeline(tiny_sd3_dir, tmp_path / "t.safetensors", {"transformer": 1.0, "text_encoder": 2.0})
+    plain = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
+    for rid, reference in (("t", merged), ("n", plain)):
+        reference.set_progress_bar_config(disable=True)
+        p = params[rid]
+        want = np.array(reference(p.prompt, num_inference_steps=4, guidance_scale=3.0, height=32, width=32,
+                                  max_sequence_length=16, generator=torch.Generator("cpu").manual_seed(7)).images[0],
+                        dtype=int)
+        assert np.abs(got[rid] - want).max() <= 2, rid
+    assert np.abs(got["t"] - got["n"]).max() > 10
+    adapter = engine.core.runner.loras.get("t")
+    assert set(adapter.text_layers) == {"text_encoder"}
+
+
+def test_a_lora_made_for_another_model_of_the_same_family_is_refused_at_admission(tiny_sd3_dir, tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from glideserve.models.build import SD3Dims, build_sd3_pipeline
+
+    other = build_sd3_pipeline(SD3Dims(heads=4))  # same layer names, wider layers
+    other.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS), adapter_name="w")
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path, weight_name="wide.safetensors",
+        transformer_lora_layers=get_peft_model_state_dict(other.transformer, adapter_name="w"))
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, lora_dir=str(tmp_path))
+    with pytest.raises(InvalidRequestError, match="made for another model"):
+        engine.add_request(GenerationParams("x", lora="wide"))
+    assert not engine.has_unfinished()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,9 @@ from torch import nn
 
 from glideserve.errors import InvalidRequestError
 
+# Text encoders whose LoRA layers are served (CLIP attention and MLP projections), per diffusers' key prefix.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TEXT_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # Linear layers a served LoRA may target: those that run only when a row computes its blocks in full.
 TARGETABLE_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                        "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
@@ -35,18 +38,25 @@ TARGETABLE_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_
 
 @dataclass(eq=False)
 class LoraAdapter:
-    """One adapter: per module path (inside the denoiser) its low-rank pair and scaling (alpha / r)."""
+    """One adapter: per module path (inside the denoiser) its low-rank pair and scaling (alpha / r);
+    ``text_layers`` the same per text encoder (``text_encoder``, ``text_encoder_2``)."""
 
     name: str
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    text_layers: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
-        return next(iter(self.layers.values()))[0].shape[0]
+        return next(iter((self.layers or next(iter(self.text_layers.values()))).values()))[0].shape[0]
+
+    def table(self, component: str | None) -> dict:
+        """The layers for the denoiser (``None``) or for one text encoder."""
+        return self.layers if component is None else self.text_layers.get(component, {})
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for a, b, _ in self.layers.values() for t in (a, b))
+        tables = [self.layers, *self.text_layers.values()]
+        return sum(t.numel() * t.element_size() for table in tables for a, b, _ in table.values() for t in (a, b))
 
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
@@ -64,20 +74,34 @@ def read_lora_file(path: Path, name: str, denoiser_prefix: str, pipeline_class: 
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise InvalidRequestError(f"LoRA {name!r} is not a readable safetensors file: {exc}", "lora") from None
+    text_layers = {}
     if any(key.startswith(KOHYA_PREFIXES) for key in tensors):
         pairs, alphas = _from_kohya(tensors, name, denoiser_prefix, pipeline_class)
     else:
-        pairs, alphas = _from_peft(tensors, name, denoiser_prefix), {}
-        default_alpha = _metadata_alpha(metadata, denoiser_prefix)
-        if default_alpha is not None:
-            alphas = {module: default_alpha for module in pairs}
-    if not pairs:
-        raise InvalidRequestError(f"LoRA {name!r} holds no {denoiser_prefix} weights", "lora")
+        for encoder in TEXT_ENCODERS:
+            own = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(encoder + ".")]}
+            if own:
+                encoder_pairs = _from_peft(own, name, encoder)
+                text_layers[encoder] = _layers(name, encoder_pairs, _uniform(metadata, encoder, encoder_pairs),
+                                               device, dtype, TEXT_SUFFIXES)
+        pairs = _from_peft(tensors, name, denoiser_prefix) if tensors else {}
+        alphas = _uniform(metadata, denoiser_prefix, pairs)
+    if not pairs and not text_layers:
+        raise InvalidRequestError(f"LoRA {name!r} holds no {denoiser_prefix} or text-encoder weights", "lora")
+    return LoraAdapter(name, _layers(name, pairs, alphas, device, dtype, TARGETABLE_SUFFIXES), text_layers)
+
+
+def _uniform(metadata: dict, prefix: str, modules) -> dict[str, float]:
+    alpha = _metadata_alpha(metadata, prefix)
+    return {} if alpha is None else {module: alpha for module in modules}
+
+
+def _layers(name: str, pairs: dict, alphas: dict, device, dtype, suffixes) -> dict:
     layers = {}
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise InvalidRequestError(f"LoRA {name!r}: {module} lacks its lora_A or lora_B weight", "lora")
-        if not module.endswith(TARGETABLE_SUFFIXES):
+        if not module.endswith(suffixes):
             raise InvalidRequestError(f"LoRA {name!r} targets {module}, which per-row LoRA does not serve "
                                       f"(attention and feed-forward projections only)", "lora")
         a, b = pair["A"], pair["B"]
@@ -88,7 +112,7 @@ def read_lora_file(path: Path, name: str, denoiser_prefix: str, pipeline_class: 
         # Without an alpha diffusers loads alpha = r: a scaling of 1.
         scaling = alphas.get(module, float(rank)) / rank
         layers[module] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), scaling)
-    return LoraAdapter(name, layers)
+    return layers
 
 
 def _from_peft(tensors: dict, name: str, prefix: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -96,8 +120,8 @@ def _from_peft(tensors: dict, name: str, prefix: str) -> dict[str, dict[str, tor
     for key, value in tensors.items():
         if not key.startswith(prefix + ".") or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise InvalidRequestError(
-                f"LoRA {name!r} has the key {key!r}: only {prefix} LoRAs in diffusers/peft or kohya format are "
-                "served (text-encoder LoRAs are not served yet)", "lora")
+                f"LoRA {name!r} has the key {key!r}: only denoiser and text-encoder LoRAs for this model, in "
+                "diffusers/peft or kohya format, are served", "lora")
         module, _, which = key[len(prefix) + 1:].rpartition(".lora_")
         pairs.setdefault(module, {})[which[0]] = value
     return pairs
@@ -198,18 +222,19 @@ class RowAdapters:
 class RowLoRALinear(nn.Module):
     """A linear layer of the denoiser with per-row LoRA deltas; the base layer is kept unmerged."""
 
-    def __init__(self, base: nn.Linear, path: str, rows: RowAdapters):
+    def __init__(self, base: nn.Linear, path: str, rows: RowAdapters, component: str | None = None):
         super().__init__()
         self.base = base
         self.path = path
         self.rows = rows
+        self.component = component  # None: a denoiser layer; else the text encoder it belongs to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if not self.rows.active:
             return out
         for adapter, index, scales in self.rows.plan():
-            layer = adapter.layers.get(self.path)
+            layer = adapter.table(self.component).get(self.path)
             if layer is None:
                 continue
             a, b, scaling = layer
@@ -219,18 +244,37 @@ class RowLoRALinear(nn.Module):
         return out
 
 
-def install_row_lora(denoiser: nn.Module, paths, rows: RowAdapters) -> int:
-    """Wrap the denoiser's linear layers at ``paths`` (once each); returns how many were wrapped now."""
+def check_fits(name: str, module: nn.Module | None, component: str, layers: dict) -> None:
+    """Raise InvalidRequestError unless every layer of the adapter is a linear layer of ``module`` with
+    matching sizes (a LoRA made for another model never reaches a forward)."""
+    if module is None:
+        raise InvalidRequestError(f"LoRA {name!r} has {component} weights, and this model has no {component}",
+                                  "lora")
+    for path, (a, b, _) in layers.items():
+        try:
+            layer = module.get_submodule(path)
+        except AttributeError:
+            raise InvalidRequestError(f"LoRA {name!r} targets {component}.{path}, which this model does not have; "
+                                      "it was made for another model", "lora") from None
+        layer = layer.base if isinstance(layer, RowLoRALinear) else layer
+        if not isinstance(layer, nn.Linear) or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            raise InvalidRequestError(f"LoRA {name!r} does not fit {component}.{path} of this model (sizes "
+                                      f"{tuple(a.shape)} / {tuple(b.shape)}); it was made for another model", "lora")
+
+
+def install_row_lora(module: nn.Module, paths, rows: RowAdapters, component: str | None = None) -> int:
+    """Wrap the linear layers at ``paths`` of the denoiser (``component`` None) or of a text encoder
+    (once each); returns how many were wrapped now."""
     wrapped = 0
     for path in paths:
         parent_path, _, child = path.rpartition(".")
-        parent = denoiser.get_submodule(parent_path) if parent_path else denoiser
+        parent = module.get_submodule(parent_path) if parent_path else module
         layer = getattr(parent, child) if not child.isdigit() else parent[int(child)]
         if isinstance(layer, RowLoRALinear):
             continue
         if not isinstance(layer, nn.Linear):
             raise InvalidRequestError(f"LoRA targets {path}, which is not a linear layer of this model", "lora")
-        replacement = RowLoRALinear(layer, path, rows)
+        replacement = RowLoRALinear(layer, path, rows, component)
         if child.isdigit():
             parent[int(child)] = replacement
         else:
@@ -254,7 +298,7 @@ class LoraStore:
     """
 
     def __init__(self, directory: str | Path, denoiser_prefix: str, pipeline_class: str, dtype: torch.dtype,
-                 device: torch.device, max_resident: int = 16):
+                 device: torch.device, max_resident: int = 16, modules: dict[str, nn.Module] | None = None):
         self.directory = Path(directory).resolve()
         if not self.directory.is_dir():
             raise ValueError(f"the LoRA directory {directory} does not exist")
@@ -262,6 +306,7 @@ class LoraStore:
         self.pipeline_class = pipeline_class
         self.dtype, self.device = dtype, device
         self.max_resident = max_resident
+        self.modules = modules or {}  # denoiser_prefix / text encoder name -> module, to check adapters against
         self._resident: dict[str, LoraAdapter] = {}
         self._lock = threading.Lock()  # admission (any thread) and prefill (the compute thread) both look up
 
@@ -284,6 +329,10 @@ class LoraStore:
         if adapter is None:
             adapter = read_lora_file(self.path_of(name), name, self.denoiser_prefix, self.pipeline_class,
                                      self.dtype, self.device)
+            tables = {self.denoiser_prefix: adapter.layers, **adapter.text_layers}
+            for component, layers in tables.items():
+                if layers:
+                    check_fits(adapter.name, self.modules.get(component), component, layers)
         with self._lock:
             self._resident[name] = adapter  # most recently used last
             while len(self._resident) > self.max_resident:

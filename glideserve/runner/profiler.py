@@ -79,7 +79,7 @@ def measure_size(runner: ModelRunner, spec: ModelSpec, height: int, width: int, 
             return seconds
 
         progress(f"{height}x{width}: prefill")
-        runner.encoder.encode([f"profile warm-up {height}x{width}"])  # the text encoders' first call is slow
+        runner.encoder.encode([(f"profile warm-up {height}x{width}", ())])  # the text encoders' first call is slow
         trials = iter(range(10**6))
         prefill = {n: _fastest(lambda: prefill_s(n, next(trials)), repeats)
                    for n in sorted({1, max(1, max_rows - 1)})}

@@ -15,7 +15,7 @@ from glideserve.runner.encode import PromptEncoder
 from glideserve.runner.families.base import DenoiserFamily
 from glideserve.runner.feature_cache import FeatureCache, RowGroup
 from glideserve.runner.latent_aware import latent_aware_step
-from glideserve.runner.lora import LoraStore, install_row_lora
+from glideserve.runner.lora import TEXT_ENCODERS, LoraStore, install_row_lora
 from glideserve.runner.samplers import SamplerFactory
 from glideserve.scheduler.output import (DecodeTiming, FinishedImage, GroupTiming, NewRequestData, RunnerOutput,
                                         SchedulerOutput)
@@ -44,7 +44,7 @@ class ModelRunner:
         self.encoder = PromptEncoder(family, config.prompt_cache_size)
         self.loras = None if config.lora_dir is None else LoraStore(
             config.lora_dir, family.denoiser_prefix, family.pipeline_class, family.dtype, family.device,
-            config.max_loras)
+            config.max_loras, _lora_modules(family))
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
@@ -67,11 +67,20 @@ class ModelRunner:
 
     # -- prefill -------------------------------------------------------------------
     def _prefill(self, new: tuple[NewRequestData, ...], ahead: tuple[str, ...], out: RunnerOutput) -> None:
-        texts = [d.params.prompt for d in new]
-        texts += [d.params.negative_prompt or "" for d in new if d.params.uses_cfg]
-        texts += ahead  # waiting requests' prompts, encoded now in the same call so their prefill hits the cache
+        adapters = {}
+        for d in new:  # adapters first: a text-encoder LoRA changes the request's prompt embeddings
+            try:
+                adapters[d.request_id] = self._adapters(d.params)
+            except Exception as exc:
+                log.exception("loading the LoRAs of %s failed", d.request_id)
+                out.failed[d.request_id] = f"loading its LoRA adapters failed: {exc}"
+        new = tuple(d for d in new if d.request_id in adapters)
+        keys = [(d.params.prompt, _text_adapters(adapters[d.request_id])) for d in new]
+        keys += [(d.params.negative_prompt or "", _text_adapters(adapters[d.request_id]))
+                 for d in new if d.params.uses_cfg]
+        keys += [(text, ()) for text in ahead]  # waiting requests' prompts, so their own prefill hits the cache
         try:
-            embeds = self.encoder.encode(texts)
+            embeds = self.encoder.encode(keys)
         except Exception as exc:  # a failing text encoder fails these requests, not the engine
             log.exception("text encoding failed")
             for d in new:
@@ -79,22 +88,23 @@ class ModelRunner:
             return
         for data in new:
             try:
-                self.batch.add(self._new_state(data, embeds))
+                self.batch.add(self._new_state(data, embeds, adapters[data.request_id]))
             except Exception as exc:
                 log.exception("prefill of %s failed", data.request_id)
                 out.failed[data.request_id] = f"prefill failed: {exc}"
 
-    def _new_state(self, data: NewRequestData, embeds: dict) -> RequestState:
+    def _new_state(self, data: NewRequestData, embeds: dict, adapters: tuple) -> RequestState:
         p = data.params
         family = self.family
         generator = torch.Generator("cpu").manual_seed(p.seed)
         sampler = self.samplers.create(p.sampler, p.num_inference_steps, p.height, p.width,
                                        family.spec.vae_scale_factor, generator)
         latents = family.init_latents(p, generator, sampler)
-        positive = embeds[p.prompt]
+        text = _text_adapters(adapters)
+        positive = embeds[(p.prompt, text)]
         rows = [positive]
         if p.uses_cfg:
-            rows.insert(0, family.negative_cond(p, positive) or embeds[p.negative_prompt or ""])
+            rows.insert(0, family.negative_cond(p, positive) or embeds[(p.negative_prompt or "", text)])
         cond = {name: torch.cat([r[name] for r in rows]) for name in positive}
         for name, value in family.row_cond(p).items():
             cond[name] = value.expand(len(rows), *value.shape[1:])
@@ -102,18 +112,22 @@ class ModelRunner:
         cache = FeatureCache(policy) if policy.enabled and data.cache_granted else None
         return RequestState(data.request_id, p, latents, sampler, cond, generator,
                             family.spec.tokens_per_row(p.height, p.width), p.preview_steps(len(sampler.timesteps)),
-                            cache, self._adapters(p))
+                            cache, adapters)
 
     def _adapters(self, params) -> tuple:
-        """The request's adapters, their layers wrapped in the denoiser (here, between forwards)."""
+        """The request's adapters, their layers wrapped in the denoiser and text encoders (here, between
+        forwards, on the thread that runs them)."""
         if not params.lora:
             return ()
         if self.loras is None:
             raise ValueError("a request names a LoRA but the engine has no LoRA directory")
         adapters = tuple((self.loras.get(name), scale) for name, scale in params.lora)
-        denoiser = self.family.denoiser_of(self.family.pipe)
+        family = self.family
+        denoiser = family.denoiser_of(family.pipe)
         for adapter, _ in adapters:
-            install_row_lora(denoiser, adapter.layers, self.family.lora_rows)
+            install_row_lora(denoiser, adapter.layers, family.lora_rows)
+            for encoder, layers in adapter.text_layers.items():
+                install_row_lora(getattr(family.pipe, encoder), layers, family.text_lora_rows, encoder)
         return adapters
 
     # -- one denoising step for one image size --------------------------------------
@@ -190,3 +204,18 @@ class ModelRunner:
             out.timing.decodes.append(DecodeTiming(states[0].tokens_per_row, len(states), elapsed))
             for s, image in zip(states, images):
                 out.finished[s.request_id] = FinishedImage(image, elapsed)
+
+
+def _text_adapters(adapters: tuple) -> tuple:
+    """The (adapter, scale) pairs that change the text encoders: the prompt cache keys on them."""
+    return tuple((adapter, scale) for adapter, scale in adapters if adapter.text_layers)
+
+
+def _lora_modules(family: DenoiserFamily) -> dict:
+    """The modules a LoRA file's components may target: the denoiser and the pipeline's CLIP text encoders."""
+    modules = {family.denoiser_prefix: family.denoiser_of(family.pipe)}
+    for name in TEXT_ENCODERS:
+        encoder = getattr(family.pipe, name, None)
+        if encoder is not None:
+            modules[name] = encoder
+    return modules

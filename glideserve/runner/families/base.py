@@ -74,6 +74,7 @@ class DenoiserFamily:
         self.device = device
         self.dtype = dtype
         self.lora_rows = RowAdapters()  # set by the runner around each forward; narrowed by the block loop
+        self.text_lora_rows = RowAdapters()  # set by the prompt encoder around each text-encoder call
 
     def encode(self, prompts: list[str]) -> list[Cond]:
         """One conditioning dict per prompt, each with a batch dimension of 1."""
