@@ -39,6 +39,20 @@ class LoraNotFoundError(GlideServeError):
     code = "lora_not_found"
 
 
+class LoraExistsError(GlideServeError):
+    """An upload names a LoRA adapter the server already has."""
+
+    http_status = 409
+    code = "lora_exists"
+
+
+class LoraUploadsDisabledError(GlideServeError):
+    """The server was started without ``--lora-uploads``."""
+
+    http_status = 403
+    code = "lora_uploads_disabled"
+
+
 class QueueFullError(GlideServeError):
     """The engine's waiting queue is at its bound; retry later."""
 

@@ -221,6 +221,12 @@ class PipelineBackend(abc.ABC):
     def loras(self) -> list[dict]:
         return []  # the baselines serve no adapters
 
+    def add_lora(self, name: str, data: bytes) -> dict:
+        raise InvalidRequestError("the baselines serve no LoRA adapters", "lora")
+
+    def delete_lora(self, name: str) -> None:
+        raise InvalidRequestError("the baselines serve no LoRA adapters", "lora")
+
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)
 

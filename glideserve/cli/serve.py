@@ -142,6 +142,10 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                                       "(SD3 models)."),
         lora_dir: Optional[Path] = typer.Option(None, help="Folder of LoRA adapters (.safetensors) requests may "
                                                            "name in `lora`; nothing outside it is read."),
+        lora_uploads: bool = typer.Option(False, help="Allow PUT/DELETE /v1/loras/NAME to add and remove "
+                                                      "adapters in --lora-dir (use with --api-key)."),
+        max_lora_upload_mb: float = typer.Option(64.0, min=0.001, max=4096, help="Largest adapter file an "
+                                                 "upload may send."),
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
@@ -153,6 +157,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         try:
             config = ServerConfig(model_id=model_id_for(model), api_key=api_key, max_queue=max_queue,
                                   warmup=warmup, default_slo_ms=default_slo_ms, public_url=public_url, docs=docs,
+                                  lora_uploads=lora_uploads, max_lora_upload_bytes=int(max_lora_upload_mb * 2**20),
                                   limits=HttpLimits(drain_timeout_s=drain_timeout, header_timeout_s=header_timeout,
                                                     body_timeout_s=body_timeout,
                                                     keep_alive_timeout_s=keep_alive_timeout,

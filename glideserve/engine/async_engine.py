@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable
 from glideserve.engine.compute_thread import ComputeThread
 from glideserve.engine.core import EngineCore, StepStats
 from glideserve.engine.stream import RequestStream
-from glideserve.errors import EngineStoppedError
+from glideserve.errors import EngineStoppedError, InvalidRequestError
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent, GenerationResult, RequestFailed
 from glideserve.params import GenerationParams
@@ -111,6 +111,17 @@ class AsyncEngine:
     def loras(self) -> list[dict]:
         store = self.core.runner.loras
         return [] if store is None else store.describe()
+
+    def add_lora(self, name: str, data: bytes) -> dict:
+        return self._lora_store().add(name, data)
+
+    def delete_lora(self, name: str) -> None:
+        self._lora_store().delete(name)
+
+    def _lora_store(self):
+        if self.core.runner.loras is None:
+            raise InvalidRequestError("this server serves no LoRA adapters (start it with --lora-dir DIR)", "lora")
+        return self.core.runner.loras
 
     def stats(self) -> EngineStats:
         last = self.core.last_step

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,6 +340,45 @@ class LoraStore:
             while len(self._resident) > self.max_resident:
                 self._resident.pop(next(iter(self._resident)))
         return adapter
+
+    def add(self, name: str, data: bytes) -> dict:
+        """Keep an uploaded adapter as ``DIR/NAME.safetensors`` once it reads and fits the model."""
+        from glideserve.errors import LoraExistsError
+        from glideserve.params import LORA_NAME
+
+        if not LORA_NAME.fullmatch(name):
+            raise InvalidRequestError("a LoRA name is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                                      f"or digit; got {name!r}", "name")
+        target = self.directory / f"{name}.safetensors"
+        if target.exists() or (self.directory / name).exists():
+            raise LoraExistsError(f"a LoRA named {name!r} exists; DELETE /v1/loras/{name} first", "name")
+        handle, temp = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=".part")
+        try:
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+            adapter = read_lora_file(Path(temp), name, self.denoiser_prefix, self.pipeline_class, self.dtype,
+                                     self.device)
+            for component, layers in {self.denoiser_prefix: adapter.layers, **adapter.text_layers}.items():
+                if layers:
+                    check_fits(name, self.modules.get(component), component, layers)
+            os.replace(temp, target)  # visible under its name only once it is known to be good
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        with self._lock:
+            self._resident[name] = adapter
+            while len(self._resident) > self.max_resident:
+                self._resident.pop(next(iter(self._resident)))
+        return next(card for card in self.describe() if card["name"] == name)
+
+    def delete(self, name: str) -> None:
+        """Remove an adapter kept as ``DIR/NAME.safetensors``; requests already running keep their copy."""
+        path = self.path_of(name)
+        if path.parent != self.directory:
+            raise InvalidRequestError(f"LoRA {name!r} is a folder; remove it on the server's disk", "name")
+        path.unlink()
+        with self._lock:
+            self._resident.pop(name, None)
 
     def describe(self) -> list[dict]:
         """Every adapter in the directory: whether it is resident and, if so, its rank and target layers."""

@@ -17,8 +17,9 @@ from glideserve.server.backend import Backend
 from glideserve.server.errors import BodySizeLimitMiddleware, error_json, install_error_handlers
 from glideserve.server.images import get_state, require_api_key
 from glideserve.server.limits import BodyTimeoutMiddleware
-from glideserve.server.protocol import (ErrorResponse, HealthResponse, LoraCard, LoraList, ModelCard, ModelList,
-                                        ServerStats)
+from glideserve.errors import LoraUploadsDisabledError
+from glideserve.server.protocol import (ErrorResponse, HealthResponse, LoraCard, LoraDeleted, LoraList, ModelCard,
+                                        ModelList, ServerStats)
 from glideserve.server.state import ServerConfig, ServerState
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
     redact_access_log()
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes,
+                       upload_max_bytes=config.max_lora_upload_bytes if config.lora_uploads else None)
     body_timeouts = state.http_metrics.connection_timeouts.labels(kind="body")
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=config.limits.body_timeout_s, on_timeout=body_timeouts.inc)
     app.include_router(images.router)
@@ -104,6 +106,27 @@ def _v1_router() -> APIRouter:
         """The LoRA adapters requests may name (from --lora-dir), and which are resident."""
         cards = await asyncio.to_thread(get_state(request).backend.loras)
         return LoraList(data=[LoraCard(**card) for card in cards])
+
+    @router.put("/loras/{name}", response_model=LoraCard, status_code=201,
+                responses={403: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
+                           413: {"model": ErrorResponse}})
+    async def upload_lora(name: str, request: Request) -> LoraCard:
+        """Keep the body (one adapter's .safetensors file) as NAME, once it reads and fits the model."""
+        state = get_state(request)
+        if not state.config.lora_uploads:
+            raise LoraUploadsDisabledError("LoRA uploads are off; start the server with --lora-uploads")
+        data = await request.body()
+        return LoraCard(**await asyncio.to_thread(state.backend.add_lora, name, data))
+
+    @router.delete("/loras/{name}", response_model=LoraDeleted,
+                   responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+    async def delete_lora(name: str, request: Request) -> LoraDeleted:
+        """Remove an uploaded adapter; requests already running with it finish with their copy."""
+        state = get_state(request)
+        if not state.config.lora_uploads:
+            raise LoraUploadsDisabledError("LoRA uploads are off; start the server with --lora-uploads")
+        await asyncio.to_thread(state.backend.delete_lora, name)
+        return LoraDeleted(name=name)
 
     @router.get("/stats", response_model=ServerStats)
     async def server_stats(request: Request) -> ServerStats:

@@ -40,7 +40,9 @@ class Backend(Protocol):
     object with ``duration_s``, ``num_requests`` and ``num_rows`` after each step;
     ``shutdown(drain=True)`` stops admitting and finishes every admitted request;
     ``loras()`` lists the LoRA adapters it can serve (dicts with ``name``, ``resident``,
-    ``rank``, ``target_modules``), empty when it serves none.
+    ``rank``, ``target_modules``), empty when it serves none; ``add_lora`` keeps an uploaded
+    adapter once it is validated and ``delete_lora`` removes one (both blocking: call them
+    off the event loop).
     """
 
     spec: ModelSpec
@@ -56,5 +58,9 @@ class Backend(Protocol):
     def add_step_listener(self, fn: Callable[[object], None]) -> None: ...
 
     def loras(self) -> list[dict]: ...
+
+    def add_lora(self, name: str, data: bytes) -> dict: ...
+
+    def delete_lora(self, name: str) -> None: ...
 
     async def shutdown(self, drain: bool = True) -> None: ...

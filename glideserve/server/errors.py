@@ -182,6 +182,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_json(500, "internal server error; the server logged the details", None, "server_error")
 
 
+LORA_UPLOAD_PREFIX = "/v1/loras/"
+
+
 class BodySizeLimitMiddleware:
     """Rejects request bodies over ``max_bytes`` with 413, by header and while streaming.
 
@@ -189,19 +192,23 @@ class BodySizeLimitMiddleware:
     body; counting received chunks also stops chunked uploads that lie or omit it.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_max_bytes = upload_max_bytes  # PUT /v1/loras/{name}: a whole adapter file
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = (f"the request body exceeds {self.max_bytes} bytes; "
-                     "shorten the prompt or split the request")
+        upload = self.upload_max_bytes is not None and scope.get("method") == "PUT" \
+            and scope.get("path", "").startswith(LORA_UPLOAD_PREFIX)
+        limit = self.upload_max_bytes if upload else self.max_bytes
+        too_large = (f"the adapter file exceeds {limit} bytes (--max-lora-upload-mb)" if upload else
+                     f"the request body exceeds {limit} bytes; shorten the prompt or split the request")
         for name, value in scope.get("headers", ()):
             length = parse_content_length(value) if name == b"content-length" else None
-            if length is not None and length > self.max_bytes:
+            if length is not None and length > limit:
                 if is_generation(scope):
                     scope["app"].state.server.metrics.count_request("request_too_large")
                 # A small body is cheaper to read and discard than a reset connection, which
@@ -217,7 +224,7 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise BodyReadError(413, "request_too_large", too_large)
             return message
 

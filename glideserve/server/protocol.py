@@ -248,6 +248,14 @@ class LoraCard(BaseModel):
     target_modules: list[str] | None = None
 
 
+class LoraDeleted(BaseModel):
+    """Response of ``DELETE /v1/loras/{name}``."""
+
+    name: str
+    object: Literal["lora"] = "lora"
+    deleted: bool = True
+
+
 class LoraList(BaseModel):
     """Response of ``GET /v1/loras``."""
 

@@ -45,6 +45,8 @@ class ServerConfig:
     ``image_ttl_s`` seconds, at most ``max_stored_images`` of them. ``warmup`` runs
     one tiny generation at start-up before ``/ready`` turns ready. ``default_slo_ms``
     is the SLO of requests that carry no ``slo_ms`` (None: they are best effort).
+    ``lora_uploads`` allows ``PUT``/``DELETE /v1/loras/{name}`` (off by default: an upload
+    writes to the server's LoRA directory), with bodies up to ``max_lora_upload_bytes``.
     """
 
     model_id: str | None = None
@@ -58,11 +60,13 @@ class ServerConfig:
     max_stored_images: int = 256
     warmup: bool = True
     default_slo_ms: float | None = None
+    lora_uploads: bool = False
+    max_lora_upload_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self):
         if self.public_url is not None:
             object.__setattr__(self, "public_url", check_public_url(self.public_url))
-        for name in ("max_queue", "max_body_bytes", "max_stored_images"):
+        for name in ("max_queue", "max_body_bytes", "max_stored_images", "max_lora_upload_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServerConfig.{name} must be >= 1")
         if self.image_ttl_s <= 0:

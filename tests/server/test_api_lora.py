@@ -94,3 +94,49 @@ def test_bad_lora_requests_get_a_clear_4xx(lora_server, lora, status, code):
     assert error["param"] is None or "lora" in error["param"]
     if code:
         assert error["code"] == code
+
+
+@pytest.fixture(scope="module")
+def upload_server(tiny_model, lora_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uploaded-loras")
+    config = ServerConfig(model_id="tiny", lora_uploads=True, max_lora_upload_bytes=256 * 1024)
+    with LiveServer(tiny_model, config, lora_dir=str(folder)) as live:
+        yield live, folder
+
+
+def test_an_uploaded_adapter_is_validated_kept_served_and_deleted(upload_server, lora_dir):
+    live, folder = upload_server
+    data = (lora_dir / "style.safetensors").read_bytes()
+    put = httpx.put(f"{live.api}/loras/mine", content=data, timeout=60)
+    assert put.status_code == 201, put.text
+    assert put.json()["name"] == "mine" and put.json()["rank"] == 4
+    assert httpx.put(f"{live.api}/loras/mine", content=data, timeout=60).json()["error"]["code"] == "lora_exists"
+    served = _image(httpx.post(f"{live.api}/images/generations", json=_body("mine"), timeout=120))
+    plain = _image(httpx.post(f"{live.api}/images/generations", json=_body(None), timeout=120))
+    assert np.abs(served - plain).max() > 10
+    deleted = httpx.delete(f"{live.api}/loras/mine", timeout=60)
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    gone = httpx.post(f"{live.api}/images/generations", json=_body("mine"), timeout=120)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "lora_not_found"
+    assert httpx.delete(f"{live.api}/loras/mine", timeout=60).status_code == 404
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, content, status", [
+    ("pickled", b"\x80\x04\x95" + b"\x00" * 64, 400),              # a pickle renamed: not safetensors
+    ("..", b"x", 404),                                              # the URL resolves to no route at all
+    (".hidden", b"x", 400),
+    ("big", b"\x00" * (256 * 1024 + 1), 413),                       # past --max-lora-upload-mb
+])
+def test_bad_uploads_get_a_clear_4xx_and_leave_nothing_behind(upload_server, name, content, status):
+    live, folder = upload_server
+    response = httpx.put(f"{live.api}/loras/{name}", content=content, timeout=60)
+    assert response.status_code == status, response.text
+    assert [p.name for p in folder.iterdir()] == []
+
+
+def test_uploads_are_off_unless_the_server_allows_them(lora_server, lora_dir):
+    response = httpx.put(f"{lora_server.api}/loras/x", content=b"x", timeout=60)
+    assert response.status_code == 403 and response.json()["error"]["code"] == "lora_uploads_disabled"
+    assert httpx.delete(f"{lora_server.api}/loras/style", timeout=60).status_code == 403
+    assert (lora_dir / "style.safetensors").exists()
