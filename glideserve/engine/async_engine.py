@@ -15,7 +15,7 @@ from glideserve.engine.stream import RequestStream
 from glideserve.errors import EngineStoppedError, InvalidRequestError
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent, GenerationResult, RequestFailed
-from glideserve.params import GenerationParams
+from glideserve.params import GenerationParams, resolve_lora
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,11 @@ class AsyncEngine:
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
         loop = asyncio.get_running_loop()
+        store = self.core.runner.loras
+        if store is not None and params.lora:
+            # Read adapter files off the event loop and outside the engine lock; admission then finds them resident.
+            for name, _ in resolve_lora(params.lora):
+                await asyncio.to_thread(store.get, name)
         with self._lock:
             request = self.core.add_request(params, request_id)
             stream = RequestStream(request.request_id, request.params, loop)
