@@ -7,6 +7,7 @@ from typing import Callable
 from PIL import Image
 
 from glideserve.cache.policy import StepKind, parse_cache_policy
+from glideserve.outputs import GenerationResult, RequestFailed
 from glideserve.params import GenerationParams
 from glideserve.request import Request
 from glideserve.scheduler.output import (DecodeTiming, FinishedImage, GroupTiming, RunnerOutput, SchedulerOutput,
@@ -107,6 +108,25 @@ class FakeRunner:
     def _advance(self, seconds: float) -> None:
         if self.clock is not None:
             self.clock.advance(seconds)
+
+
+def run_until_done(sched, runner, clock, max_steps=10_000, on_step=None, until: float = 0.0, min_steps: int = 0):
+    """Step until nothing is left (and the clock has reached ``until`` and ``min_steps`` steps have passed,
+    idling 10 ms at a time); returns {id: (final event, time)}."""
+    finals = {}
+    for step in range(max_steps):
+        if on_step is not None:
+            on_step(step)
+        if not sched.has_unfinished():
+            if clock.now >= until and step >= min_steps:
+                break
+            clock.advance(0.01)
+            continue
+        plan = sched.schedule()
+        for event in sched.update(plan, runner.execute(plan)):
+            if isinstance(event, (GenerationResult, RequestFailed)):
+                finals[event.request_id] = (event, clock.now)
+    return finals
 
 
 def make_request(rid: str, steps: int = 3, cfg: bool = True, size: int = 32, slo_ms: float | None = None,

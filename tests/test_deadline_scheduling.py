@@ -8,7 +8,7 @@ every assertion about deadlines is deterministic.
 from __future__ import annotations
 
 import pytest
-from scheduling_fakes import FakeRunner, ManualClock, linear_profile, make_request
+from scheduling_fakes import FakeRunner, ManualClock, linear_profile, make_request, run_until_done
 
 from glideserve.config import SchedulerConfig
 from glideserve.errors import SLOUnattainableError
@@ -28,25 +28,6 @@ def setup(policy="slack", profile: LatencyProfile | None = None, **config):
     sched = Scheduler(SchedulerConfig(policy=policy, **config), clock=clock, profile=profile)
     runner = FakeRunner(clock, group_s=lambda tokens, rows: rows * PER_ROW_S)
     return sched, runner, clock
-
-
-def run_until_done(sched, runner, clock, max_steps=10_000, on_step=None, until: float = 0.0):
-    """Step until nothing is left (and the clock has reached ``until``, idling 10 ms at a time);
-    returns {id: (final event, time)}."""
-    finals = {}
-    for step in range(max_steps):
-        if on_step is not None:
-            on_step(step)
-        if not sched.has_unfinished():
-            if clock.now >= until:
-                break
-            clock.advance(0.01)
-            continue
-        plan = sched.schedule()
-        for event in sched.update(plan, runner.execute(plan)):
-            if isinstance(event, (GenerationResult, RequestFailed)):
-                finals[event.request_id] = (event, clock.now)
-    return finals
 
 
 def add(sched, clock, rid, **kwargs):

@@ -359,25 +359,19 @@ def _adaptive_setup(**config):
 def _serve(sched, runner, clock, arrivals: dict[int, list[Request]], max_steps: int = 2000):
     """Add requests at their step numbers, run until done; returns {id: (event, finish time)} and refusals."""
     from glideserve.errors import SLOUnattainableError
-    from glideserve.outputs import RequestFailed
+    from tests.scheduling_fakes import run_until_done
 
-    finals, refused = {}, []
-    for step in range(max_steps):
+    refused = []
+
+    def arrive(step: int) -> None:
         for req in arrivals.get(step, []):
             req.arrival_time = clock.now
             try:
                 sched.add_request(req)
             except SLOUnattainableError:
                 refused.append(req.request_id)
-        if not sched.has_unfinished():
-            if step > max(arrivals):
-                break
-            clock.advance(0.01)
-            continue
-        plan = sched.schedule()
-        for event in sched.update(plan, runner.execute(plan)):
-            if isinstance(event, (GenerationResult, RequestFailed)):
-                finals[event.request_id] = (event, clock.now)
+
+    finals = run_until_done(sched, runner, clock, max_steps, on_step=arrive, min_steps=max(arrivals) + 1)
     return finals, refused
 
 

@@ -329,17 +329,24 @@ class LoraStore:
         with self._lock:
             adapter = self._resident.pop(name, None)
         if adapter is None:
-            adapter = read_lora_file(self.path_of(name), name, self.denoiser_prefix, self.pipeline_class,
-                                     self.dtype, self.device)
-            tables = {self.denoiser_prefix: adapter.layers, **adapter.text_layers}
-            for component, layers in tables.items():
-                if layers:
-                    check_fits(adapter.name, self.modules.get(component), component, layers)
+            adapter = self._read(self.path_of(name), name)
+        self._keep(name, adapter)
+        return adapter
+
+    def _read(self, path: Path, name: str) -> LoraAdapter:
+        """Read an adapter file and check every component against this model."""
+        adapter = read_lora_file(path, name, self.denoiser_prefix, self.pipeline_class, self.dtype, self.device)
+        for component, layers in {self.denoiser_prefix: adapter.layers, **adapter.text_layers}.items():
+            if layers:
+                check_fits(name, self.modules.get(component), component, layers)
+        return adapter
+
+    def _keep(self, name: str, adapter: LoraAdapter) -> None:
+        """Make ``adapter`` the most recently used resident one, evicting beyond ``max_resident``."""
         with self._lock:
-            self._resident[name] = adapter  # most recently used last
+            self._resident[name] = adapter
             while len(self._resident) > self.max_resident:
                 self._resident.pop(next(iter(self._resident)))
-        return adapter
 
     def add(self, name: str, data: bytes) -> dict:
         """Keep an uploaded adapter as ``DIR/NAME.safetensors`` once it reads and fits the model."""
@@ -356,19 +363,12 @@ class LoraStore:
         try:
             with os.fdopen(handle, "wb") as f:
                 f.write(data)
-            adapter = read_lora_file(Path(temp), name, self.denoiser_prefix, self.pipeline_class, self.dtype,
-                                     self.device)
-            for component, layers in {self.denoiser_prefix: adapter.layers, **adapter.text_layers}.items():
-                if layers:
-                    check_fits(name, self.modules.get(component), component, layers)
+            adapter = self._read(Path(temp), name)
             os.replace(temp, target)  # visible under its name only once it is known to be good
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
-        with self._lock:
-            self._resident[name] = adapter
-            while len(self._resident) > self.max_resident:
-                self._resident.pop(next(iter(self._resident)))
+        self._keep(name, adapter)
         return next(card for card in self.describe() if card["name"] == name)
 
     def delete(self, name: str) -> None:

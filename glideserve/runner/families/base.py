@@ -28,7 +28,8 @@ class DenoiserFamily:
     that differ between families: ``name``, the diffusers ``pipeline_class`` they
     serve, ``flow_matching``, the ``cache_policies`` their block loop implements and
     the ``default_cache`` among them, ``default_steps``/``default_guidance``, and
-    ``denoiser_of(pipe)``.
+    ``denoiser_of(pipe)``. Each sets ``loop``, its owned block loop: a callable
+    ``(latents, timesteps, cond, groups) -> (prediction, step kinds)``.
     """
 
     name: str = ""
@@ -93,13 +94,14 @@ class DenoiserFamily:
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        raise NotImplementedError
+        """Every row takes a full step: the denoiser's own forward."""
+        return self.loop(latents, timesteps, cond, [RowGroup(0, latents.shape[0], StepKind.FULL, None, 0)])[0]
 
     def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
                 groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
         """One forward over rows whose requests may take different step kinds; returns the
-        prediction and the kind each group took. Families without a cache take full steps."""
-        return self.forward(latents, timesteps, cond), [StepKind.FULL] * len(groups)
+        prediction and the kind each group took."""
+        return self.loop(latents, timesteps, cond, groups)
 
     def cache_bytes(self, policy: CachePolicy, params: GenerationParams) -> int:
         """Bytes the feature cache of one request with ``params`` holds under ``policy``."""

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from glideserve.cache.policy import CachePolicy, StepKind
+from glideserve.cache.policy import CachePolicy
 from glideserve.params import GenerationParams
 from glideserve.runner.families.base import Cond, DenoiserFamily
 from glideserve.runner.families.registry import register_family
 from glideserve.runner.families.sd3_loop import SD3BlockLoop
-from glideserve.runner.feature_cache import RowGroup
 
 # Image-stream tensors of shape (rows, tokens, hidden) one request's cache holds, per policy;
 # FORA holds per block the attention and MLP outputs (and SD3.5's second attention).
@@ -57,13 +56,6 @@ class SD3Family(DenoiserFamily):
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return [{"encoder_hidden_states": embeds[i:i + 1], "pooled_projections": pooled[i:i + 1]}
                 for i in range(len(prompts))]
-
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.loop(latents, timesteps, cond, [RowGroup(0, latents.shape[0], StepKind.FULL, None, 0)])[0]
-
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
-                groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
-        return self.loop(latents, timesteps, cond, groups)
 
     def cache_bytes(self, policy: CachePolicy, params: GenerationParams) -> int:
         if not policy.enabled:

@@ -116,7 +116,7 @@ class SD3BlockLoop:
         members = [groups[i] for i in computing]
         fora = any(g.policy_kind == "fora" for g in members)
         offsets = _offsets(members)
-        first_input = hidden
+        first_input, block_one_output = hidden, None
         for b, block in enumerate(blocks):
             out = run_block(block, hidden, context, temb_sub, record=fora)
             context, hidden = out[0], out[1]
@@ -126,19 +126,18 @@ class SD3BlockLoop:
                 keep = self._fbcache(members, offsets, [kinds[i] for i in computing], first_input, hidden)
                 for j, kind in enumerate(keep):
                     kinds[computing[j]] = kind
-                if any(k is CACHED for k in keep):
-                    for j, g in enumerate(members):
-                        if keep[j] is CACHED:
-                            finals[computing[j]] = hidden[offsets[j]:offsets[j] + g.rows] + g.cache.tensors["rest"]
-                    still = [j for j, k in enumerate(keep) if k is not CACHED]
-                    if not still:
-                        return
+                    if kind is CACHED:
+                        finals[computing[j]] = hidden[offsets[j]:offsets[j] + members[j].rows] \
+                            + members[j].cache.tensors["rest"]
+                still = [j for j, kind in enumerate(keep) if kind is not CACHED]
+                if not still:
+                    return
+                if len(still) < len(keep):  # the remaining blocks run only for the rows still computing
                     sub = torch.cat([torch.arange(offsets[j], offsets[j] + members[j].rows, device=hidden.device)
                                      for j in still])
                     scopes.enter_context(self.lora_rows.narrow(sub))
                     hidden, context, temb_sub, first_input = hidden[sub], context[sub], temb_sub[sub], first_input[sub]
-                    computing = [computing[j] for j in still]
-                    members = [members[j] for j in still]
+                    computing, members = [computing[j] for j in still], [members[j] for j in still]
                     offsets = _offsets(members)
                 block_one_output = hidden
         for j, g in enumerate(members):

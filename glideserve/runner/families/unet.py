@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from glideserve.cache.policy import CachePolicy, StepKind
+from glideserve.cache.policy import CachePolicy
 from glideserve.errors import ModelLoadError
 from glideserve.params import GenerationParams
 from glideserve.runner.families.base import Cond, DenoiserFamily
 from glideserve.runner.families.registry import register_family
 from glideserve.runner.families.unet_loop import UNetBlockLoop
-from glideserve.runner.feature_cache import RowGroup
 from glideserve.runner.samplers import Sampler
 
 
@@ -49,13 +48,6 @@ class SD15Family(DenoiserFamily):
 
     def init_latents(self, params: GenerationParams, generator: torch.Generator, sampler: Sampler) -> torch.Tensor:
         return super().init_latents(params, generator, sampler) * sampler.scheduler.init_noise_sigma
-
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.loop(latents, timesteps, cond, [RowGroup(0, latents.shape[0], StepKind.FULL, None, 0)])[0]
-
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond,
-                groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
-        return self.loop(latents, timesteps, cond, groups)
 
     def cache_bytes(self, policy: CachePolicy, params: GenerationParams) -> int:
         if policy.kind != "deepcache":
