@@ -19,6 +19,7 @@ per request), so timings compare within one run.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -64,10 +65,12 @@ class CacheRow:
     cached_steps: float
 
     def as_dict(self) -> dict:
+        # JSON has no infinity: an exact row's infinite PSNR is written as null, as in `eval quality`.
+        psnr = self.psnr if math.isfinite(self.psnr) else None
         return {"policy": self.config.policy, "latent_aware": self.config.latent_aware, "steps": self.steps,
                 "images": self.images, "transformer_gflops_per_image": self.transformer_gflops,
                 "alone_s_per_image": self.alone_s, "inflight_s_per_image": self.inflight_s, "ssim": self.ssim,
-                "psnr": self.psnr, "judge_all": self.judge_all, "full_steps": self.full_steps,
+                "psnr": psnr, "judge_all": self.judge_all, "full_steps": self.full_steps,
                 "cached_steps": self.cached_steps}
 
 

@@ -62,7 +62,7 @@ def bench_caching(
         raise typer.Exit(1)
     (out / "caching.json").write_text(json.dumps({
         "model": model, "cases": len(cases), "seeds": seeds, "inflight": inflight,
-        "rows": [r.as_dict() for r in rows]}, indent=1, default=lambda v: None if v != v else v) + "\n")
+        "rows": [r.as_dict() for r in rows]}, indent=1, allow_nan=False) + "\n")
     table = markdown_table(rows)
     (out / "caching.md").write_text(table + "\n")
     first_seed = [i for i, c in enumerate(cases) if c.seed == 0]
