@@ -50,6 +50,16 @@ class Queued:
 
 
 @dataclass
+class Loading:
+    """Emitted once when a request arrives for a model whose weights are not resident:
+    it waits for the load, predicted to take ``estimated_s`` more seconds."""
+
+    request_id: str
+    model: str
+    estimated_s: float
+
+
+@dataclass
 class GenerationResult:
     """A finished request: the image, the resolved parameters (seed included) and timings."""
 
@@ -61,11 +71,14 @@ class GenerationResult:
 
 @dataclass
 class RequestFailed:
-    """A request that ended without an image: ``reason`` is ``"aborted"`` or ``"error"``."""
+    """A request that ended without an image: ``reason`` is ``"aborted"``, ``"error"`` or the
+    ``code`` of ``error``, the GlideServeError that refused it after it had been accepted (a
+    request for an unloaded model is admitted by the model's scheduler only once it has loaded)."""
 
     request_id: str
     reason: str
     message: str = ""
+    error: Exception | None = None
 
 
-EngineEvent = StepProgress | Queued | GenerationResult | RequestFailed
+EngineEvent = StepProgress | Queued | Loading | GenerationResult | RequestFailed

@@ -44,6 +44,8 @@ class GenerationParams:
     pairs), at most 8, scales in -8..8; resolved to a tuple of ``(name, scale)`` pairs.
     ``latent_aware`` turns on latent-aware denoising (flow-matching
     models only; see ``glideserve.runner.latent_aware``; ``None``: the engine's default).
+    ``model`` names which of a multi-model engine's models serves the request (``None``:
+    its default model); a one-model engine checks nothing else about it.
     """
 
     prompt: str
@@ -61,6 +63,7 @@ class GenerationParams:
     cache: str | None = None
     latent_aware: bool | None = None
     lora: object = ()
+    model: str | None = None
 
     def resolve(self, spec: ModelSpec, max_image_side: int = 2048, default_cache: str = "none",
                 default_latent_aware: bool = False) -> "GenerationParams":

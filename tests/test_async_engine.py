@@ -106,8 +106,8 @@ def test_the_model_is_loaded_and_stepped_on_one_thread(tiny_sd3_dir, monkeypatch
     from glideserve.engine.core import EngineCore
 
     threads = []
-    load = EngineCore.load
-    monkeypatch.setattr(EngineCore, "load", classmethod(
+    load = EngineCore.from_pretrained
+    monkeypatch.setattr(EngineCore, "from_pretrained", classmethod(
         lambda cls, *a, **k: (threads.append(threading.current_thread()), load(*a, **k))[1]))
     engine = AsyncEngine.from_pretrained(tiny_sd3_dir, max_sequence_length=16)
     engine.add_step_listener(lambda stats: threads.append(threading.current_thread()))

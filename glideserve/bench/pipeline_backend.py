@@ -218,13 +218,18 @@ class PipelineBackend(abc.ABC):
                            last.num_rows if last else 0, last.num_requests if last else 0,
                            dropped_total=self._shed_total)
 
-    def loras(self) -> list[dict]:
+    def model_cards(self) -> list[dict]:
+        spec = self.spec
+        return [{"name": spec.name, "loaded": True, "loading": False, "family": spec.family,
+                 "default_size": f"{spec.default_width}x{spec.default_height}", "default_steps": spec.default_steps}]
+
+    def loras(self, model: str | None = None) -> list[dict]:
         return []  # the baselines serve no adapters
 
-    def add_lora(self, name: str, data: bytes) -> dict:
+    def add_lora(self, name: str, data: bytes, model: str | None = None) -> dict:
         raise InvalidRequestError("the baselines serve no LoRA adapters", "lora")
 
-    def delete_lora(self, name: str) -> None:
+    def delete_lora(self, name: str, model: str | None = None) -> None:
         raise InvalidRequestError("the baselines serve no LoRA adapters", "lora")
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -41,12 +41,21 @@ class LogLevel(str, enum.Enum):
     error = "error"
 
 
-def make_backend(system: System, model: str, **config):
-    """Load ``model`` into the backend of ``system`` (a GlideServeError explains any failure)."""
+def make_backend(system: System, model: str | list[str], max_loaded_models: int | None = None,
+                 weights_memory_gb: float | None = None, **config):
+    """Load ``model`` (or several ``[NAME=]PATH`` models, the first the default) into the backend of
+    ``system`` (a GlideServeError explains any failure)."""
+    from glideserve.engine.model_set import ModelSource
+
+    sources = [ModelSource.parse(m) for m in ([model] if isinstance(model, str) else model)]
     if system is System.glideserve:
         from glideserve import AsyncEngine
 
-        return AsyncEngine.from_pretrained(model, **config)
+        return AsyncEngine.from_models(sources, max_loaded_models=max_loaded_models,
+                                       weights_memory_gb=weights_memory_gb, **config)
+    if len(sources) > 1 or max_loaded_models is not None or weights_memory_gb is not None:
+        raise GlideServeError(f"--system {system.value} serves one model; serve several with --system glideserve")
+    model = sources[0].path
     try:
         from glideserve.bench import baselines
     except ModuleNotFoundError as exc:
@@ -72,9 +81,10 @@ def parse_drop_late_after(text: str) -> float | None:
 
 
 def model_id_for(model: str) -> str:
-    """The name clients pass as ``model``: a bundled name as is, a folder by its name."""
-    path = Path(model)
-    return path.resolve().name if path.exists() else model
+    """The name clients pass as ``model``: ``NAME`` of ``NAME=PATH``, a bundled name as is, a folder by its name."""
+    from glideserve.engine.model_set import ModelSource
+
+    return ModelSource.parse(model).name
 
 
 def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -82,7 +92,14 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
 
     @app.command("serve")
     def serve(
-        model: str = typer.Option(DEFAULT_MODEL, help="Bundled model name or a diffusers model folder."),
+        model: List[str] = typer.Option([DEFAULT_MODEL], help="[NAME=]MODEL: a bundled model name, diffusers "
+                                        "folder or checkpoint, served as NAME (default: the bundled or folder "
+                                        "name). Repeat to serve several; the first is the default."),
+        max_loaded_models: Optional[int] = typer.Option(None, min=1, help="Models whose weights stay resident "
+                                                        "at once; the least recently used idle one is unloaded "
+                                                        "and loads again on its next request (default: all)."),
+        weights_memory_gb: Optional[float] = typer.Option(None, min=0.001, help="Budget of resident model "
+                                                          "weights in GiB, enforced like --max-loaded-models."),
         host: str = typer.Option("127.0.0.1", help="Interface to bind; use 0.0.0.0 to accept remote clients."),
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0 picks a free one)."),
         api_key: Optional[str] = typer.Option(None, envvar="GLIDESERVE_API_KEY", show_envvar=True,
@@ -155,7 +172,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
 
         logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            config = ServerConfig(model_id=model_id_for(model), api_key=api_key, max_queue=max_queue,
+            config = ServerConfig(model_id=model_id_for(model[0]), api_key=api_key, max_queue=max_queue,
                                   warmup=warmup, default_slo_ms=default_slo_ms, public_url=public_url, docs=docs,
                                   lora_uploads=lora_uploads, max_lora_upload_bytes=int(max_lora_upload_mb * 2**20),
                                   limits=HttpLimits(drain_timeout_s=drain_timeout, header_timeout_s=header_timeout,
@@ -170,7 +187,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                default_cache=cache, full_slots=full_slots, cache_memory_mb=cache_memory_mb,
                                min_full_fraction=min_full_fraction,
                                latent_aware=latent_aware, lora_dir=None if lora_dir is None else str(lora_dir))
-            backend = make_backend(system, model, **options)
+            backend = make_backend(system, model, max_loaded_models=max_loaded_models,
+                                   weights_memory_gb=weights_memory_gb, **options)
         except (GlideServeError, ValueError) as exc:
             typer.secho(f"error: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
@@ -181,7 +199,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
 
         def announce() -> None:
             url = display_url(host, server.bound_port() or port)
-            typer.echo(f"glideserve: serving {config.model_id} ({system.value}) at {url}  "
+            names = ", ".join(card["name"] for card in app.state.server.model_cards())
+            typer.echo(f"glideserve: serving {names} ({system.value}) at {url}  "
                        f"(playground {url}/, API {url}/v1)", err=False)
 
         app = create_app(backend, config, on_ready=announce)

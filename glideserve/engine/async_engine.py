@@ -1,32 +1,43 @@
-"""AsyncEngine: the engine loop on its own thread, with asyncio streams per request."""
+"""AsyncEngine: one engine loop on its own thread, over one or several models, with asyncio streams."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
+import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from glideserve.cache.policy import parse_cache_policy
+from glideserve.config import EngineConfig
 from glideserve.engine.compute_thread import ComputeThread
 from glideserve.engine.core import EngineCore, StepStats
+from glideserve.engine.model_set import ModelSet, ModelSlot, ModelSource, default_model_name
 from glideserve.engine.stream import RequestStream
-from glideserve.errors import EngineStoppedError, InvalidRequestError
+from glideserve.errors import (EngineStoppedError, GlideServeError, InvalidRequestError, QueueFullError,
+                               SLOUnattainableError)
 from glideserve.models.spec import ModelSpec
-from glideserve.outputs import EngineEvent, GenerationResult, RequestFailed
+from glideserve.outputs import EngineEvent, GenerationResult, Loading, RequestFailed
 from glideserve.params import GenerationParams, resolve_lora
+from glideserve.scheduler.profile import LatencyProfile
+from glideserve.scheduler.scheduler import SchedulerCounters
 
 log = logging.getLogger(__name__)
+ModelLoader = Callable[[ModelSource, "LatencyProfile | None"], EngineCore]
 
 
 @dataclass
 class EngineStats:
-    """A snapshot of the engine's load, for health pages and metrics.
+    """A snapshot of the engine's load, for health pages and metrics (all models together).
 
     The ``*_total`` fields count since start: requests refused at admission because
     they could not meet their deadline, admitted requests dropped for lateness, and
     preemptions and resumes at step boundaries (zero for backends that do none).
+    ``num_waiting`` includes requests waiting for their model to load.
     """
 
     num_waiting: int
@@ -42,41 +53,105 @@ class EngineStats:
     resumed_total: int = 0
 
 
-class AsyncEngine:
-    """Runs EngineCore steps on a background thread for asyncio callers.
+@dataclass
+class PendingRequest:
+    """A request admitted for a model that was not resident; it joins the model's scheduler after the load."""
 
-    The loop runs on ``compute`` (see :mod:`glideserve.engine.compute_thread`);
-    ``from_pretrained`` loads and profiles the model on that same thread.
+    params: GenerationParams
+    request_id: str
+    arrival: float
+
+
+class AsyncEngine:
+    """Runs EngineCore steps of one or several models on one background thread, for asyncio callers.
+
+    The loop runs on ``compute`` (see :mod:`glideserve.engine.compute_thread`), where
+    every model is loaded and profiled at start-up. With several models (``from_models``)
+    the loop shares steps between them (see :mod:`glideserve.engine.model_set`); a model
+    unloaded to keep within the weights budget is loaded again, on a short-lived thread
+    so the other models keep stepping, when a request names it.
 
     ``add_request`` validates and enqueues at once (raising InvalidRequestError,
-    QueueFullError or EngineStoppedError before any event), and returns a
-    RequestStream of Queued / StepProgress events ending in a GenerationResult or a
-    RequestFailed. ``abort`` frees a request at the next step. ``shutdown(drain=True)``
-    stops admission and returns once every admitted request has finished.
+    ModelLoadError, QueueFullError, SLOUnattainableError or EngineStoppedError before any
+    event), and returns a RequestStream of Loading / Queued / StepProgress events ending in
+    a GenerationResult or a RequestFailed. ``abort`` frees a request at the next step.
+    ``shutdown(drain=True)`` stops admission and returns once every admitted request has
+    finished.
     """
 
-    def __init__(self, core: EngineCore, compute: ComputeThread | None = None):
-        self.core = core
-        self._compute = compute or ComputeThread("glideserve-engine")
+    def __init__(self, models: ModelSet, compute: ComputeThread, loader: ModelLoader):
+        self.models = models
+        self._compute = compute
+        self._loader = loader
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
+        self._owner: dict[str, ModelSlot] = {}
+        self._finished_loads: list[tuple[ModelSlot, EngineCore | None, float, BaseException | None]] = []
+        self._retired = SchedulerCounters()  # counters of cores unloaded since start
         self._listeners: list[Callable[[StepStats], None]] = []
         self._loop: Future | None = None
         self._accepting = True
         self._stop = False
+        self._steps_total = 0
+        self._last_step: StepStats | None = None
 
     @classmethod
     def from_pretrained(cls, model: str, **options) -> "AsyncEngine":
         """Load a bundled name, diffusers folder or checkpoint; options are EngineConfig fields
         (flat, scheduler ones included), ``config=EngineConfig(...)``, ``single_file_config``
         and ``allow_unsafe_pickle``."""
-        compute, core = ComputeThread.starting_with("glideserve-engine", EngineCore.load, model, **options)
-        return cls(core, compute)
+        return cls.from_models([ModelSource(default_model_name(str(model)), str(model))], **options)
+
+    @classmethod
+    def from_models(cls, models: list[str | ModelSource], *, max_loaded_models: int | None = None,
+                    weights_memory_gb: float | None = None, config: EngineConfig | None = None,
+                    single_file_config: str | None = None, allow_unsafe_pickle: bool = False,
+                    **options) -> "AsyncEngine":
+        """Serve several models (``[NAME=]PATH`` strings or ModelSources; the first is the default)
+        under one engine loop and one EngineConfig. Each is loaded and profiled once at start-up;
+        those beyond ``max_loaded_models`` or ``weights_memory_gb`` are unloaded again (least
+        recently used first, the default model last) and reloaded when requested."""
+        if config is not None and options:
+            raise TypeError("pass either config=EngineConfig(...) or keyword options, not both")
+        config = config or EngineConfig.from_kwargs(**options)
+        sources = [m if isinstance(m, ModelSource) else ModelSource.parse(m) for m in models]
+        budget = None if weights_memory_gb is None else int(weights_memory_gb * 2**30)
+        model_set = ModelSet(sources, max_loaded_models, budget)
+
+        def load(source: ModelSource, profile: LatencyProfile | None) -> EngineCore:
+            return EngineCore.from_pretrained(source.path, config, single_file_config=single_file_config,
+                                              allow_unsafe_pickle=allow_unsafe_pickle, latency_profile=profile,
+                                              name=source.name)
+
+        compute = ComputeThread("glideserve-engine")
+        engine = cls(model_set, compute, load)
+        try:
+            compute.call(engine._load_all)
+        except BaseException:
+            compute.close()
+            raise
+        return engine
+
+    def _load_all(self) -> None:
+        """Start-up, on the compute thread: load (and profile) every model once, the default last."""
+        for slot in [*self.models.slots[1:], self.models.default]:
+            for victim in self.models.victims_for(slot) or []:
+                self._unload(victim)
+            start = time.perf_counter()
+            core = self._loader(slot.source, None)
+            self.models.installed(slot, core, time.perf_counter() - start)
+            log.info("model %s loaded in %.2f s (%.1f MiB of weights)", slot.name, slot.load_s,
+                     slot.weights_bytes / 2**20)
+
+    @property
+    def core(self) -> EngineCore | None:
+        """The default model's EngineCore (None while it is unloaded)."""
+        return self.models.default.core
 
     @property
     def spec(self) -> ModelSpec:
-        return self.core.spec
+        return self.models.default.spec
 
     @property
     def accepting(self) -> bool:
@@ -90,17 +165,47 @@ class AsyncEngine:
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and accepts no new requests")
         loop = asyncio.get_running_loop()
-        store = self.core.runner.loras
+        slot = self.models.get(params.model)
+        core = slot.core
+        store = core.runner.loras if core is not None else None
         if store is not None and params.lora:
             # Read adapter files off the event loop and outside the engine lock; admission then finds them resident.
             for name, _ in resolve_lora(params.lora):
                 await asyncio.to_thread(store.get, name)
         with self._lock:
-            request = self.core.add_request(params, request_id)
-            stream = RequestStream(request.request_id, request.params, loop)
-            self._streams[request.request_id] = stream
+            if slot.core is not None:
+                request = slot.core.add_request(params, request_id)
+                rid, resolved = request.request_id, request.params
+            else:
+                rid = request_id or params.request_id or f"req-{uuid.uuid4().hex[:12]}"
+                resolved = self._admit_cold(slot, params, rid)
+            stream = RequestStream(rid, resolved, loop)
+            self._streams[rid] = stream
+            self._owner[rid] = slot
+            if slot.core is None:
+                stream.push(Loading(rid, slot.name, round(slot.load_remaining_s(time.monotonic()), 3)))
         self._wake.set()
         return stream
+
+    def _admit_cold(self, slot: ModelSlot, params: GenerationParams, rid: str) -> GenerationParams:
+        """Admit a request for an unloaded model: validated against what the model's first load
+        taught (its spec, config and profile), refused if the load would make it late."""
+        config = slot.config
+        resolved = params.resolve(slot.spec, config.max_image_side, config.default_cache, config.latent_aware)
+        parse_cache_policy(resolved.cache)
+        if len(slot.pending) >= config.scheduler.max_waiting:
+            raise QueueFullError(f"the queue is full ({config.scheduler.max_waiting} requests wait for model "
+                                 f"{slot.name} to load); retry shortly")
+        now = time.monotonic()
+        if resolved.slo_ms is not None and config.scheduler.policy != "fcfs":
+            predicted = slot.cold_latency_s(resolved, now)
+            if predicted > resolved.slo_ms / 1000 * (1 - config.scheduler.admission_margin):
+                raise SLOUnattainableError(
+                    f"the request cannot finish within its SLO: model {slot.name} must be loaded first "
+                    f"(predicted latency {predicted:.2f} s); retry with a longer slo_ms",
+                    predicted_s=predicted, retry_after_s=max(1.0, slot.load_remaining_s(now)))
+        slot.pending.append(PendingRequest(resolved, rid, now))
+        return resolved
 
     async def generate(self, params: GenerationParams, request_id: str | None = None) -> AsyncIterator[EngineEvent]:
         stream = await self.add_request(params, request_id)
@@ -109,34 +214,58 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> bool:
         with self._lock:
-            found = self.core.abort(request_id)
+            found = self._abort(request_id)
         self._wake.set()
         return found
 
-    def loras(self) -> list[dict]:
-        store = self.core.runner.loras
+    def _abort(self, request_id: str) -> bool:
+        slot = self._owner.get(request_id)
+        if slot is None:
+            return False
+        for pending in slot.pending:
+            if pending.request_id == request_id:  # never reached a scheduler: answer it here
+                slot.pending.remove(pending)
+                self._finish(RequestFailed(request_id, "aborted", "the request was cancelled"))
+                return True
+        return slot.core is not None and slot.core.abort(request_id)
+
+    def model_cards(self) -> list[dict]:
+        """Every configured model: family, default size and steps, and whether it is resident."""
+        with self._lock:
+            return [slot.describe() for slot in self.models.slots]
+
+    def loras(self, model: str | None = None) -> list[dict]:
+        store = self._lora_store(model, required=False)
         return [] if store is None else store.describe()
 
-    def add_lora(self, name: str, data: bytes) -> dict:
-        return self._lora_store().add(name, data)
+    def add_lora(self, name: str, data: bytes, model: str | None = None) -> dict:
+        return self._lora_store(model).add(name, data)
 
-    def delete_lora(self, name: str) -> None:
-        self._lora_store().delete(name)
+    def delete_lora(self, name: str, model: str | None = None) -> None:
+        self._lora_store(model).delete(name)
 
-    def _lora_store(self):
-        if self.core.runner.loras is None:
+    def _lora_store(self, model: str | None, required: bool = True):
+        slot = self.models.get(model)
+        if slot.core is None:
+            raise InvalidRequestError(f"model {slot.name} is not loaded now, and adapters are read and checked "
+                                      "against its weights; generate with it first (it then loads)", "model")
+        store = slot.core.runner.loras
+        if store is None and required:
             raise InvalidRequestError("this server serves no LoRA adapters (start it with --lora-dir DIR)", "lora")
-        return self.core.runner.loras
+        return store
 
     def stats(self) -> EngineStats:
-        last = self.core.last_step
-        sched = self.core.scheduler
-        counters = sched.counters
-        return EngineStats(sched.num_waiting, sched.num_running, self.core.steps_total,
-                           last.duration_s if last else 0.0, last.num_rows if last else 0,
-                           last.num_requests if last else 0, num_paused=sched.num_paused,
-                           refused_total=counters.refused, dropped_total=counters.dropped,
-                           preempted_total=counters.preempted, resumed_total=counters.resumed)
+        with self._lock:
+            cores = [slot.core for slot in self.models.loaded()]
+            counters = [self._retired, *(core.scheduler.counters for core in cores)]
+            last = self._last_step
+            return EngineStats(
+                sum(c.scheduler.num_waiting for c in cores) + sum(len(s.pending) for s in self.models.slots),
+                sum(c.scheduler.num_running for c in cores), self._steps_total,
+                last.duration_s if last else 0.0, last.num_rows if last else 0, last.num_requests if last else 0,
+                num_paused=sum(c.scheduler.num_paused for c in cores),
+                refused_total=sum(c.refused for c in counters), dropped_total=sum(c.dropped for c in counters),
+                preempted_total=sum(c.preempted for c in counters), resumed_total=sum(c.resumed for c in counters))
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)
@@ -146,7 +275,7 @@ class AsyncEngine:
         if not drain:
             with self._lock:
                 for rid in list(self._streams):
-                    self.core.abort(rid)
+                    self._abort(rid)
         self._stop = True
         self._wake.set()
         if self._loop is not None:
@@ -158,32 +287,107 @@ class AsyncEngine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                busy = self.core.has_unfinished()
-            if not busy:
-                if self._stop:
-                    return
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                events = self.core.step(self._lock)
-            except Exception as exc:  # a bug must not leave callers waiting forever
-                log.exception("engine step failed; failing in-flight requests")
-                events = self._fail_all(f"internal engine error: {exc}")
+                events = self._install_loads()
+                self._start_loads()
+                slot = self.models.next_to_step()
+                busy = slot is not None or any(s.busy() for s in self.models.slots)
             self._dispatch(events)
-            if self.core.last_step is not None:
-                for listener in self._listeners:
-                    try:
-                        listener(self.core.last_step)
-                    except Exception:
-                        log.exception("step listener failed")
+            if slot is None:
+                if not busy and self._stop:
+                    return
+                if not events:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                continue
+            self._step(slot)
 
-    def _fail_all(self, message: str) -> list[EngineEvent]:
+    def _step(self, slot: ModelSlot) -> None:
+        core = slot.core
+        try:
+            events = core.step(self._lock)
+        except Exception as exc:  # a bug must not leave callers waiting forever
+            log.exception("engine step of model %s failed; failing its in-flight requests", slot.name)
+            events = self._fail_all(slot, f"internal engine error: {exc}")
         with self._lock:
-            ids = list(self._streams)
+            if core.last_step is not None:
+                self.models.charge(slot, core.last_step.duration_s)
+                self._last_step = core.last_step
+            self._steps_total += 1
+        self._dispatch(events)
+        if core.last_step is not None:
+            for listener in self._listeners:
+                try:
+                    listener(core.last_step)
+                except Exception:
+                    log.exception("step listener failed")
+
+    def _start_loads(self) -> None:
+        """Begin loading models that requests wait for, unloading idle ones to make room (lock held)."""
+        for slot in self.models.to_load():
+            victims = self.models.victims_for(slot)
+            if victims is None:
+                continue  # every resident model is busy: wait for one to go idle
+            for victim in victims:
+                self._unload(victim)
+            slot.loading, slot.load_started = True, time.monotonic()
+            log.info("loading model %s for %d waiting request(s)", slot.name, len(slot.pending))
+            # A short-lived thread, so the resident models keep stepping; its OpenMP pool dies with it.
+            threading.Thread(target=self._load_in_background, args=(slot,), name=f"glideserve-load-{slot.name}",
+                             daemon=True).start()
+
+    def _load_in_background(self, slot: ModelSlot) -> None:
+        start = time.perf_counter()
+        core, error = None, None
+        try:
+            core = self._loader(slot.source, slot.profile)
+        except BaseException as exc:  # handed to the loop, which fails the waiting requests
+            error = exc
+        with self._lock:
+            self._finished_loads.append((slot, core, time.perf_counter() - start, error))
+        self._wake.set()
+
+    def _install_loads(self) -> list[EngineEvent]:
+        """Make finished loads resident and hand their waiting requests to their schedulers (lock held)."""
+        events: list[EngineEvent] = []
+        for slot, core, seconds, error in self._finished_loads:
+            pending, slot.pending = slot.pending, []
+            if error is not None:
+                slot.loading = False
+                log.error("loading model %s failed: %s", slot.name, error)
+                events += [RequestFailed(p.request_id, "error", f"loading model {slot.name} failed: {error}")
+                           for p in pending]
+                continue
+            self.models.installed(slot, core, seconds)
+            log.info("model %s loaded in %.2f s", slot.name, seconds)
+            for p in pending:
+                try:
+                    core.add_request(p.params, p.request_id, arrival_time=p.arrival)
+                except GlideServeError as exc:
+                    events.append(RequestFailed(p.request_id, exc.code, exc.message, error=exc))
+        self._finished_loads.clear()
+        return events
+
+    def _unload(self, slot: ModelSlot) -> None:
+        counters = slot.core.scheduler.counters
+        for name in ("refused", "dropped", "held_back", "preempted", "resumed"):
+            setattr(self._retired, name, getattr(self._retired, name) + getattr(counters, name))
+        self.models.unload(slot)
+        gc.collect()  # module graphs hold reference cycles: free the weights now, not at some later collection
+        log.info("unloaded model %s (least recently used, idle) to stay within the weights budget", slot.name)
+
+    def _fail_all(self, slot: ModelSlot, message: str) -> list[EngineEvent]:
+        with self._lock:
+            ids = [rid for rid, owner in self._owner.items() if owner is slot]
             for rid in ids:
-                self.core.abort(rid)  # frees runner state at the next step
+                slot.core.abort(rid)  # frees runner state at the next step
         return [RequestFailed(rid, "error", message) for rid in ids]
+
+    def _finish(self, event: RequestFailed) -> None:
+        """Deliver a failure decided outside any scheduler (lock held)."""
+        stream = self._streams.pop(event.request_id, None)
+        self._owner.pop(event.request_id, None)
+        if stream is not None:
+            stream.push(event)
 
     def _dispatch(self, events: list[EngineEvent]) -> None:
         for event in events:
@@ -191,6 +395,6 @@ class AsyncEngine:
                 stream = self._streams.get(event.request_id)
                 if stream is not None and isinstance(event, (GenerationResult, RequestFailed)):
                     del self._streams[event.request_id]
+                    self._owner.pop(event.request_id, None)
             if stream is not None:
                 stream.push(event)
-

@@ -14,9 +14,9 @@ import torch
 
 from glideserve.cache.policy import AUTO_CACHE, parse_cache_policy
 from glideserve.config import EngineConfig
-from glideserve.errors import InvalidRequestError
+from glideserve.errors import InvalidRequestError, ModelLoadError
 from glideserve.engine.profiling import load_or_measure
-from glideserve.models.loading import load_pipeline, serving_defaults, spec_from_pipeline
+from glideserve.models.loading import load_pipeline, pipeline_weight_bytes, serving_defaults, spec_from_pipeline
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent
 from glideserve.params import GenerationParams
@@ -36,7 +36,8 @@ class StepStats:
     """What one engine step did, for metrics and benchmarks (seconds).
 
     ``num_decoded`` images were decoded; ``num_preempted`` requests were paused and
-    ``num_resumed`` resumed at this step; ``timing`` is the runner's per-stage timing.
+    ``num_resumed`` resumed at this step; ``timing`` is the runner's per-stage timing;
+    ``model`` the name of the model that ran it.
     """
 
     duration_s: float
@@ -49,6 +50,7 @@ class StepStats:
     num_preempted: int = 0
     num_resumed: int = 0
     timing: StageTiming = field(default_factory=StageTiming)
+    model: str = ""
 
 
 class EngineCore:
@@ -76,7 +78,11 @@ class EngineCore:
 
     @classmethod
     def from_pretrained(cls, model: str, config: EngineConfig, *, single_file_config: str | None = None,
-                        allow_unsafe_pickle: bool = False) -> "EngineCore":
+                        allow_unsafe_pickle: bool = False, latency_profile: LatencyProfile | None = None,
+                        name: str | None = None) -> "EngineCore":
+        """Load ``model`` (served as ``name``, by default ``model`` itself); its latency profile is
+        ``latency_profile`` when given (a model loaded again keeps the one it had), else cached or measured
+        as ``config`` says."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         defaults = serving_defaults(model)
@@ -87,7 +93,7 @@ class EngineCore:
         device = torch.device(config.device)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        spec = spec_from_pipeline(pipe, name=str(model), defaults=defaults)
+        spec = spec_from_pipeline(pipe, name=name or str(model), defaults=defaults)
         family_cls = family_class(spec.family)
         if config.default_cache == AUTO_CACHE:
             config = dataclasses.replace(config, default_cache=family_cls.default_cache)
@@ -97,17 +103,26 @@ class EngineCore:
         denoiser_config = family_cls.denoiser_of(pipe).config
         samplers = SamplerFactory(spec.flow_matching, pipe.scheduler, device, denoiser_config)
         runner = ModelRunner(family, samplers, config)
-        profile = load_or_measure(model, runner, spec, config) if config.profile else None
+        profile = latency_profile
+        if profile is None and config.profile:
+            profile = load_or_measure(model, runner, spec, config)
         return cls(runner, spec, config, profile)
 
     @classmethod
     def load(cls, model: str, *, config: EngineConfig | None = None, single_file_config: str | None = None,
-             allow_unsafe_pickle: bool = False, **options) -> "EngineCore":
+             allow_unsafe_pickle: bool = False, latency_profile: LatencyProfile | None = None,
+             name: str | None = None, **options) -> "EngineCore":
         """``from_pretrained`` with either an EngineConfig or its fields as keyword options."""
         if config is not None and options:
             raise TypeError("pass either config=EngineConfig(...) or keyword options, not both")
         return cls.from_pretrained(model, config or EngineConfig.from_kwargs(**options),
-                                   single_file_config=single_file_config, allow_unsafe_pickle=allow_unsafe_pickle)
+                                   single_file_config=single_file_config, allow_unsafe_pickle=allow_unsafe_pickle,
+                                   latency_profile=latency_profile, name=name)
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers (every component of the pipeline)."""
+        return pipeline_weight_bytes(self.runner.family.pipe)
 
     def _check_defaults(self) -> None:
         """Fail at start-up, not on every request, when the server's defaults do not fit the model."""
@@ -129,6 +144,9 @@ class EngineCore:
 
     def add_request(self, params: GenerationParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
+        if params.model is not None and params.model != self.spec.name:
+            raise ModelLoadError(f"model {params.model!r} is not served by this engine; it serves {self.spec.name!r}",
+                                 "model")
         resolved = params.resolve(self.spec, self.config.max_image_side, self.config.default_cache,
                                    self.config.latent_aware)
         policy = parse_cache_policy(resolved.cache)
@@ -171,4 +189,4 @@ class EngineCore:
         self.steps_total += 1
         self.last_step = StepStats(duration, len(plan.scheduled), plan.num_rows, len(plan.new_requests),
                                    self.scheduler.num_waiting, self.scheduler.num_running, len(result.finished),
-                                   len(plan.preempted), len(plan.resumed), result.timing)
+                                   len(plan.preempted), len(plan.resumed), result.timing, self.spec.name)

@@ -144,3 +144,17 @@ def _default_sampler(pipe, names: tuple[str, ...]) -> str:
     log.warning("the model's scheduler %s is not one glideserve drives per request; requests default to "
                 "the %r sampler (choose another per request with `sampler`)", type(pipe.scheduler).__name__, names[0])
     return names[0]
+
+
+def pipeline_weight_bytes(pipe) -> int:
+    """Bytes of every parameter and buffer of the pipeline's modules (what unloading it frees)."""
+    seen: set[int] = set()
+    total = 0
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in [*component.parameters(), *component.buffers()]:
+            if id(tensor) not in seen:  # tied weights count once
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total

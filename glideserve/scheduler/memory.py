@@ -28,6 +28,13 @@ class MemoryLedger:
         self._claims[owner] = nbytes
         return True
 
+    def claim_over_budget(self, owner: str, nbytes: int) -> None:
+        """Record a claim the budget cannot hold: for an owner that must exist whatever the budget
+        (the only resident model, larger than a weights budget); ``free`` then goes negative."""
+        if owner in self._claims:
+            raise ValueError(f"{owner!r} already holds a claim")
+        self._claims[owner] = nbytes
+
     def release(self, owner: str) -> int:
         return self._claims.pop(owner, 0)
 

@@ -367,6 +367,16 @@ class Scheduler:
         self._waiting.remove(req)
 
     # -- introspection -------------------------------------------------------------
+    def least_slack_s(self, now: float) -> float | None:
+        """The smallest slack (deadline - now - predicted remaining steps) of the requests with a
+        deadline, or None when none has one; what another model's steps must not eat into."""
+        requests = [r for r in (*self._running.values(), *self._paused.values(), *self._waiting)
+                    if r.deadline is not None]
+        if not requests:
+            return None
+        step_s = self.planner.step_s(self._running.values()) or self.planner.step_s(requests[:1])
+        return min(r.deadline - now - r.remaining_steps * step_s for r in requests)
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running or self._paused or self._decoding or self._to_free
                     or self._pending_events)

@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 import logging
 from importlib import resources
+from pathlib import Path
 from typing import Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
 
 from glideserve.server import images
 from glideserve.server.accounting import AccountingMiddleware, redact_access_log
 from glideserve.server.backend import Backend
-from glideserve.server.errors import BodySizeLimitMiddleware, error_json, install_error_handlers
+from glideserve.server.errors import BodyReadError, BodySizeLimitMiddleware, error_json, install_error_handlers
 from glideserve.server.images import get_state, require_api_key
 from glideserve.server.limits import BodyTimeoutMiddleware
 from glideserve.errors import LoraUploadsDisabledError
@@ -91,41 +92,65 @@ def _version() -> str:
         return "0+source"
 
 
+MODEL_QUERY = Query(None, max_length=64, description="the model the adapter is for (default: the default model)")
+UPLOAD_ERRORS = {status: {"model": ErrorResponse} for status in (403, 409, 413)}
+
+
+def _uploads_on(request: Request) -> ServerState:
+    state = get_state(request)
+    if not state.config.lora_uploads:
+        raise LoraUploadsDisabledError("LoRA uploads are off; start the server with --lora-uploads")
+    return state
+
+
 def _v1_router() -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
                        responses={401: {"model": ErrorResponse}})
 
     @router.get("/models", response_model=ModelList)
     async def list_models(request: Request) -> ModelList:
-        """The one model this server serves."""
+        """The models this server serves, the default first, with their defaults and whether they are loaded."""
         state = get_state(request)
-        return ModelList(data=[ModelCard(id=state.model_id, created=state.created)])
+        cards = state.model_cards()
+        return ModelList(data=[ModelCard(id=c["name"], created=state.created, family=c.get("family"),
+                                         default_size=c.get("default_size"), default_steps=c.get("default_steps"),
+                                         loaded=c.get("loaded", True), default=i == 0)
+                               for i, c in enumerate(cards)])
 
     @router.get("/loras", response_model=LoraList)
-    async def list_loras(request: Request) -> LoraList:
-        """The LoRA adapters requests may name (from --lora-dir), and which are resident."""
-        cards = await asyncio.to_thread(get_state(request).backend.loras)
+    async def list_loras(request: Request, model: str | None = MODEL_QUERY) -> LoraList:
+        """The LoRA adapters requests may name (from --lora-dir), and which are resident, for one model."""
+        state = get_state(request)
+        cards = await asyncio.to_thread(state.backend.loras, state.engine_model(model))
         return LoraList(data=[LoraCard(**card) for card in cards])
 
-    @router.put("/loras/{name}", response_model=LoraCard, status_code=201,
-                responses={403: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
-                           413: {"model": ErrorResponse}})
-    async def upload_lora(name: str, request: Request) -> LoraCard:
+    @router.post("/loras", response_model=LoraCard, status_code=201, responses=UPLOAD_ERRORS)
+    async def upload_lora_form(request: Request, file: UploadFile = File(description="one adapter .safetensors"),
+                               name: str | None = Form(None, description="name to keep it under (default: the "
+                                                       "file's name without .safetensors)"),
+                               model: str | None = MODEL_QUERY) -> LoraCard:
+        """Upload one adapter (multipart ``file``), kept once it reads and fits the model."""
+        state = _uploads_on(request)
+        name = name if name is not None else Path(file.filename or "").name.removesuffix(".safetensors")
+        data = await file.read(state.config.max_lora_upload_bytes + 1)
+        if len(data) > state.config.max_lora_upload_bytes:
+            raise BodyReadError(413, "request_too_large", f"the adapter file exceeds "
+                                f"{state.config.max_lora_upload_bytes} bytes (--max-lora-upload-mb)")
+        return LoraCard(**await asyncio.to_thread(state.backend.add_lora, name, data, state.engine_model(model)))
+
+    @router.put("/loras/{name}", response_model=LoraCard, status_code=201, responses=UPLOAD_ERRORS)
+    async def upload_lora(name: str, request: Request, model: str | None = MODEL_QUERY) -> LoraCard:
         """Keep the body (one adapter's .safetensors file) as NAME, once it reads and fits the model."""
-        state = get_state(request)
-        if not state.config.lora_uploads:
-            raise LoraUploadsDisabledError("LoRA uploads are off; start the server with --lora-uploads")
+        state = _uploads_on(request)
         data = await request.body()
-        return LoraCard(**await asyncio.to_thread(state.backend.add_lora, name, data))
+        return LoraCard(**await asyncio.to_thread(state.backend.add_lora, name, data, state.engine_model(model)))
 
     @router.delete("/loras/{name}", response_model=LoraDeleted,
                    responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
-    async def delete_lora(name: str, request: Request) -> LoraDeleted:
+    async def delete_lora(name: str, request: Request, model: str | None = MODEL_QUERY) -> LoraDeleted:
         """Remove an uploaded adapter; requests already running with it finish with their copy."""
-        state = get_state(request)
-        if not state.config.lora_uploads:
-            raise LoraUploadsDisabledError("LoRA uploads are off; start the server with --lora-uploads")
-        await asyncio.to_thread(state.backend.delete_lora, name)
+        state = _uploads_on(request)
+        await asyncio.to_thread(state.backend.delete_lora, name, state.engine_model(model))
         return LoraDeleted(name=name)
 
     @router.get("/stats", response_model=ServerStats)

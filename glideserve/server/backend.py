@@ -39,10 +39,13 @@ class Backend(Protocol):
     ``last_batch_rows`` and ``last_batch_requests``; step listeners receive an
     object with ``duration_s``, ``num_requests`` and ``num_rows`` after each step;
     ``shutdown(drain=True)`` stops admitting and finishes every admitted request;
-    ``loras()`` lists the LoRA adapters it can serve (dicts with ``name``, ``resident``,
-    ``rank``, ``target_modules``), empty when it serves none; ``add_lora`` keeps an uploaded
-    adapter once it is validated and ``delete_lora`` removes one (both blocking: call them
-    off the event loop).
+    ``model_cards()`` describes the models it serves (dicts with ``name``, ``loaded``,
+    ``family``, ``default_size``, ``default_steps``), the default first; a request's
+    ``params.model`` names one of them (None: the default); ``loras(model)`` lists the LoRA
+    adapters it can serve with a model (dicts with ``name``, ``resident``, ``rank``,
+    ``target_modules``), empty when it serves none; ``add_lora`` keeps an uploaded adapter
+    once it is validated and ``delete_lora`` removes one (both blocking: call them off the
+    event loop).
     """
 
     spec: ModelSpec
@@ -57,10 +60,12 @@ class Backend(Protocol):
 
     def add_step_listener(self, fn: Callable[[object], None]) -> None: ...
 
-    def loras(self) -> list[dict]: ...
+    def model_cards(self) -> list[dict]: ...
 
-    def add_lora(self, name: str, data: bytes) -> dict: ...
+    def loras(self, model: str | None = None) -> list[dict]: ...
 
-    def delete_lora(self, name: str) -> None: ...
+    def add_lora(self, name: str, data: bytes, model: str | None = None) -> dict: ...
+
+    def delete_lora(self, name: str, model: str | None = None) -> None: ...
 
     async def shutdown(self, drain: bool = True) -> None: ...

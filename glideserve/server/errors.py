@@ -183,6 +183,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 LORA_UPLOAD_PREFIX = "/v1/loras/"
+LORA_FORM_PATH = "/v1/loras"
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def is_lora_upload(scope: Scope) -> bool:
+    """``PUT /v1/loras/{name}`` (raw body) or ``POST /v1/loras`` (multipart)."""
+    method, path = scope.get("method"), scope.get("path", "")
+    return (method == "PUT" and path.startswith(LORA_UPLOAD_PREFIX)) or (method == "POST" and path == LORA_FORM_PATH)
 
 
 class BodySizeLimitMiddleware:
@@ -195,15 +203,16 @@ class BodySizeLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
-        self.upload_max_bytes = upload_max_bytes  # PUT /v1/loras/{name}: a whole adapter file
+        self.upload_max_bytes = upload_max_bytes  # PUT /v1/loras/{name}, POST /v1/loras: a whole adapter file
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        upload = self.upload_max_bytes is not None and scope.get("method") == "PUT" \
-            and scope.get("path", "").startswith(LORA_UPLOAD_PREFIX)
-        limit = self.upload_max_bytes if upload else self.max_bytes
+        upload = self.upload_max_bytes is not None and is_lora_upload(scope)
+        limit = self.max_bytes
+        if upload:  # a multipart upload (POST) carries its boundaries and part headers around the file
+            limit = self.upload_max_bytes + (MULTIPART_OVERHEAD_BYTES if scope.get("method") == "POST" else 0)
         too_large = (f"the adapter file exceeds {limit} bytes (--max-lora-upload-mb)" if upload else
                      f"the request body exceeds {limit} bytes; shorten the prompt or split the request")
         for name, value in scope.get("headers", ()):

@@ -17,15 +17,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from starlette.types import Receive, Scope, Send
 
-from glideserve.errors import (DeadlineExceededError, EngineStoppedError, InvalidRequestError, ModelLoadError,
+from glideserve.errors import (DeadlineExceededError, EngineStoppedError, GlideServeError, InvalidRequestError,
                                QueueFullError, RequestAbortedError)
-from glideserve.outputs import GenerationResult, Queued, RequestFailed, StepProgress
+from glideserve.outputs import GenerationResult, Loading, Queued, RequestFailed, StepProgress
 from glideserve.params import GenerationParams
 from glideserve.server.backend import RequestStream
 from glideserve.server.errors import (GENERATIONS_PATH, DrainTimeoutError, GenerationFailedError, NotFoundError,
                                       RequestIdConflictError)
 from glideserve.server.protocol import (CancelResponse, CompletedEvent, ErrorBody, ErrorResponse,
-                                        ImageData, ImageGenerationRequest, ImagesResponse, ImageTimings,
+                                        ImageData, ImageGenerationRequest, ImagesResponse, ImageTimings, LoadingEvent,
                                         PartialImageEvent, ProgressEvent, ResponseTimings, StreamErrorEvent,
                                         error_response_body)
 from glideserve.server.state import ServerState
@@ -166,6 +166,8 @@ def _timings(result: GenerationResult) -> ImageTimings:
 
 
 def _failure(event: RequestFailed) -> Exception:
+    if isinstance(event.error, GlideServeError):  # refused after acceptance (e.g. once its model had loaded)
+        return event.error
     if event.reason == DrainTimeoutError.code:
         return DrainTimeoutError("the server shut down before the image was finished (drain timeout); retry "
                                  "on another instance")
@@ -182,7 +184,7 @@ def _lora(value) -> object:
     return [{"name": ref.name, "scale": ref.scale} for ref in value]
 
 
-def _params(body: ImageGenerationRequest, default_slo_ms: float | None) -> list[GenerationParams]:
+def _params(body: ImageGenerationRequest, default_slo_ms: float | None, model: str | None) -> list[GenerationParams]:
     height, width = body.height_width()
     base_seed = secrets.randbelow(2**31) if body.seed is None else body.seed
     slo_ms = body.slo_ms if body.slo_ms is not None else default_slo_ms
@@ -191,7 +193,7 @@ def _params(body: ImageGenerationRequest, default_slo_ms: float | None) -> list[
                              seed=seed, height=height, width=width, sampler=body.sampler,
                              partial_images=body.partial_images if body.stream else 0,
                              slo_ms=slo_ms, priority=body.priority or 0, cache=body.cache,
-                             latent_aware=body.latent_aware, lora=_lora(body.lora))
+                             latent_aware=body.latent_aware, lora=_lora(body.lora), model=model)
             for seed in body.seeds(base_seed)]
 
 
@@ -205,10 +207,7 @@ async def create_images(body: ImageGenerationRequest, request: Request,
     state = get_state(request)
     if state.draining:
         raise EngineStoppedError("the server is shutting down and admits no new requests; retry on another instance")
-    if body.model is not None and body.model not in state.served_model_ids():
-        raise ModelLoadError(f"model {body.model!r} is not served here; use {state.model_id!r} (see GET /v1/models)",
-                             "model")
-    params = _params(body, state.config.default_slo_ms)
+    params = _params(body, state.config.default_slo_ms, state.engine_model(body.model))
     waiting = state.backend.stats().num_waiting
     if waiting + body.n > state.config.max_queue:
         raise QueueFullError(f"the queue is full ({waiting} images waiting, limit {state.config.max_queue}); "
@@ -298,7 +297,10 @@ async def _event_stream(job: GenerationJob) -> AsyncIterator[str]:
     outcome = "cancelled"  # unless the stream reaches its end: the client went away
     try:
         async for index, event in job.events():
-            if isinstance(event, Queued):
+            if isinstance(event, Loading):
+                yield _sse(LoadingEvent(request_id=job.id, image_index=index, model=event.model,
+                                        estimated_s=event.estimated_s))
+            elif isinstance(event, Queued):
                 total = job.streams[index].params.num_inference_steps
                 yield _sse(ProgressEvent(request_id=job.id, image_index=index, step=0, total=total,
                                          queue_position=event.position))

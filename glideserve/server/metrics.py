@@ -32,7 +32,8 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, stats: Callable[[], object], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, stats: Callable[[], object], clock: Callable[[], float] = time.monotonic,
+                 model_cards: Callable[[], list[dict]] | None = None):
         self.registry = CollectorRegistry()
         self._clock = clock
         self._image_times: deque[float] = deque()
@@ -61,11 +62,16 @@ class ServerMetrics:
                            ["result"], registry=r)
         for result in ("met", "missed"):
             self.slo.labels(result=result)
+        self.model_step_seconds = Counter("glideserve_model_step_seconds", "Engine step time spent on each model "
+                                          "(how steps are shared between models)", ["model"], registry=r)
         r.register(SchedulerCollector(stats))
+        if model_cards is not None:
+            r.register(ModelCollector(model_cards))
 
     def on_step(self, step) -> None:
         """Backend step listener: ``step`` has ``duration_s``, ``num_requests``, ``num_rows``."""
         self.step_latency.observe(step.duration_s)
+        self.model_step_seconds.labels(model=getattr(step, "model", "") or "default").inc(step.duration_s)
         self.batch_requests.set(step.num_requests)
         self.batch_rows.set(step.num_rows)
 
@@ -131,3 +137,31 @@ class SchedulerCollector:
         yield decisions
         yield GaugeMetricFamily("glideserve_paused_requests", "Requests paused by preemption, holding their latents",
                                 value=getattr(stats, "num_paused", 0))
+
+
+class ModelCollector:
+    """Per model, read at scrape time: ``glideserve_model_loaded{model}`` (1 while its weights are
+    resident), ``glideserve_model_loads_total`` and ``glideserve_model_unloads_total`` (loads and
+    unloads under the weights budget, start-up included), ``glideserve_model_weights_bytes``."""
+
+    def __init__(self, model_cards: Callable[[], list[dict]]):
+        self._cards = model_cards
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        loaded = GaugeMetricFamily("glideserve_model_loaded", "1 while the model's weights are resident",
+                                   labels=["model"])
+        weights = GaugeMetricFamily("glideserve_model_weights_bytes", "Bytes of the model's weights",
+                                    labels=["model"])
+        loads = CounterMetricFamily("glideserve_model_loads", "Loads of the model's weights", labels=["model"])
+        unloads = CounterMetricFamily("glideserve_model_unloads", "Unloads of the model's weights to stay "
+                                      "within the weights budget", labels=["model"])
+        for card in self._cards():
+            name = card["name"]
+            loaded.add_metric([name], 1.0 if card.get("loaded", True) else 0.0)
+            weights.add_metric([name], card.get("weights_bytes") or 0)
+            loads.add_metric([name], card.get("loads", 1))
+            unloads.add_metric([name], card.get("unloads", 0))
+        yield from (loaded, weights, loads, unloads)

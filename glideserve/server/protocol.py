@@ -170,6 +170,18 @@ class ProgressEvent(BaseModel):
     created_at: int = Field(default_factory=lambda: int(time.time()))
 
 
+class LoadingEvent(BaseModel):
+    """Stream event (extension): the image's model is not resident and is being loaded first,
+    predicted to take ``estimated_s`` more seconds; progress events follow once it has."""
+
+    type: Literal["image_generation.loading"] = "image_generation.loading"
+    request_id: str
+    image_index: int
+    model: str
+    estimated_s: float
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+
+
 class PartialImageEvent(BaseModel):
     """OpenAI's ``image_generation.partial_image``: a low-resolution preview of one image."""
 
@@ -223,12 +235,22 @@ class StreamErrorEvent(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """An entry of ``GET /v1/models``."""
+    """An entry of ``GET /v1/models``: OpenAI's fields, then what this server knows of the model.
+
+    ``loaded`` says whether its weights are resident now (an unloaded model loads on its
+    next request); ``family``, ``default_size`` and ``default_steps`` are the defaults a
+    request gets; ``default`` marks the model of requests that name none.
+    """
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "glideserve"
+    family: str | None = None
+    default_size: str | None = None
+    default_steps: int | None = None
+    loaded: bool = True
+    default: bool = False
 
 
 class ModelList(BaseModel):

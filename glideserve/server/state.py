@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from glideserve.errors import ModelLoadError
 from glideserve.outputs import GenerationResult, RequestFailed
 from glideserve.params import MAX_SLO_MS, GenerationParams
 from glideserve.server.accounting import HttpMetrics
@@ -123,7 +124,7 @@ class ServerState:
         self.backend = backend
         self.config = config
         self.model_id = config.model_id or backend.spec.name
-        self.metrics = ServerMetrics(backend.stats)
+        self.metrics = ServerMetrics(backend.stats, model_cards=self.model_cards)
         self.http_metrics = HttpMetrics(self.metrics.registry)
         self.images = ImageStore(config.max_stored_images, config.image_ttl_s)
         self.jobs: dict[str, GenerationJob] = {}
@@ -158,8 +159,27 @@ class ServerState:
                 await asyncio.sleep(poll_s)
         return len(late)
 
-    def served_model_ids(self) -> set[str]:
-        return {self.model_id, self.backend.spec.name}
+    def model_cards(self) -> list[dict]:
+        """The backend's models; a one-model server's card carries its configured ``model_id``."""
+        cards = self.backend.model_cards() if hasattr(self.backend, "model_cards") else \
+            [{"name": self.backend.spec.name, "loaded": True}]
+        if len(cards) == 1:
+            cards = [{**cards[0], "name": self.model_id}]
+        return cards
+
+    def engine_model(self, requested: str | None) -> str | None:
+        """The backend's name for the model a request names (None: the default), or 404
+        ``model_not_found`` listing the served names."""
+        if requested is None:
+            return None
+        cards = self.model_cards()
+        if len(cards) == 1 and requested in (self.model_id, self.backend.spec.name):
+            return None
+        if len(cards) > 1 and any(card["name"] == requested for card in cards):
+            return requested
+        names = ", ".join(repr(card["name"]) for card in cards)
+        raise ModelLoadError(f"model {requested!r} is not served here; choose one of {names} (see GET /v1/models)",
+                             "model")
 
     def check_api_key(self, authorization: str | None) -> None:
         expected = self.config.api_key

@@ -30,3 +30,14 @@ def test_limit_flags_reject_nonsense():
                  "--drain-timeout", "--max-connections"):
         result = CliRunner().invoke(app, ["serve", flag, "0", "--port", "0"])
         assert result.exit_code == 2, (flag, result.output)
+
+
+def test_several_models_are_checked_before_anything_loads():
+    runner = CliRunner()
+    twice = runner.invoke(app, ["serve", "--model", "a=glide-tiny", "--model", "a=glide-small", "--port", "0"])
+    assert twice.exit_code == 2 and "given twice" in twice.output and "Traceback" not in twice.output
+    unnamed = runner.invoke(app, ["serve", "--model", "=glide-tiny", "--port", "0"])
+    assert unnamed.exit_code == 2 and "NAME=PATH" in unnamed.output
+    baseline = runner.invoke(app, ["serve", "--system", "request-batching", "--model", "glide-tiny",
+                                   "--model", "glide-small", "--port", "0"])
+    assert baseline.exit_code == 2 and "serves one model" in baseline.output

@@ -140,3 +140,33 @@ def test_uploads_are_off_unless_the_server_allows_them(lora_server, lora_dir):
     assert response.status_code == 403 and response.json()["error"]["code"] == "lora_uploads_disabled"
     assert httpx.delete(f"{lora_server.api}/loras/style", timeout=60).status_code == 403
     assert (lora_dir / "style.safetensors").exists()
+
+
+def test_a_multipart_upload_is_kept_under_its_file_name_or_the_given_name(upload_server, lora_dir):
+    live, folder = upload_server
+    data = (lora_dir / "other.safetensors").read_bytes()
+    by_file = httpx.post(f"{live.api}/loras", files={"file": ("form-lora.safetensors", data)}, timeout=60)
+    assert by_file.status_code == 201, by_file.text
+    assert by_file.json()["name"] == "form-lora" and by_file.json()["rank"] == 4
+    named = httpx.post(f"{live.api}/loras", files={"file": ("x.safetensors", data)}, data={"name": "chosen"},
+                       timeout=60)
+    assert named.status_code == 201 and named.json()["name"] == "chosen"
+    assert _image(httpx.post(f"{live.api}/images/generations", json=_body("chosen"), timeout=120)).size
+    for name in ("form-lora", "chosen"):
+        assert httpx.delete(f"{live.api}/loras/{name}", timeout=60).status_code == 200
+    assert [p.name for p in folder.iterdir()] == []
+
+
+@pytest.mark.parametrize("filename, content, form, status", [
+    ("../../escape.safetensors", b"x", {}, 400),                   # a traversing file name: its base is '..'-free
+    ("ok.safetensors", b"x", {"name": "../escape"}, 400),           # a traversing form name
+    ("pickled.safetensors", b"\x80\x04\x95" + b"\x00" * 64, {}, 400),
+    ("big.safetensors", b"\x00" * (256 * 1024 + 1), {}, 413),
+])
+def test_bad_multipart_uploads_get_a_clear_4xx_and_leave_nothing_behind(upload_server, filename, content, form,
+                                                                          status):
+    live, folder = upload_server
+    response = httpx.post(f"{live.api}/loras", files={"file": (filename, content)}, data=form, timeout=60)
+    assert response.status_code == status, response.text
+    assert [p.name for p in folder.iterdir()] == []
+    assert not (folder.parent / "escape.safetensors").exists()
