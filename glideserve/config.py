@@ -113,7 +113,9 @@ class EngineConfig:
     family's own default (``adaptive`` where the family implements it, else ``none``).
     ``latent_aware`` is the latent-aware denoising default. ``lora_dir`` is the only
     place LoRA adapters are read from (None: requests may not name one); at most
-    ``max_loras`` adapters stay resident.
+    ``max_loras`` adapters, holding at most ``lora_memory_mb`` of low-rank weights, stay
+    resident (least recently used evicted first; an adapter larger than the budget is
+    refused).
     """
 
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -130,6 +132,7 @@ class EngineConfig:
     latent_aware: bool = False
     lora_dir: str | None = None
     max_loras: int = 16
+    lora_memory_mb: float = 512.0
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -144,6 +147,8 @@ class EngineConfig:
         for name in ("prompt_cache_size", "max_image_side", "max_loras"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not self.lora_memory_mb > 0:
+            raise ValueError(f"lora_memory_mb must be > 0, got {self.lora_memory_mb!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -95,6 +95,23 @@ def test_lora_names_are_validated_and_confined(tiny_sd3_dir, lora_dir, tmp_path)
         plain.add_request(GenerationParams("x", lora="a"))
 
 
+def test_resident_adapters_stay_within_their_memory_budget(tiny_sd3_dir, lora_dir):
+    engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, lora_dir=str(lora_dir))
+    store = engine.core.runner.loras
+    a, b = store.get("a"), store.get("b")
+    assert store.memory.used == a.nbytes + b.nbytes
+    tight = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, lora_dir=str(lora_dir),
+                                   lora_memory_mb=(a.nbytes + b.nbytes - 1) / 2**20).core.runner.loras
+    tight.get("a")
+    tight.get("b")  # both do not fit: the least recently used goes
+    assert [card["name"] for card in tight.describe() if card["resident"]] == ["b"]
+    assert tight.memory.used == b.nbytes <= tight.memory.budget_bytes
+    tiny = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=16, lora_dir=str(lora_dir),
+                                  lora_memory_mb=(b.nbytes - 1) / 2**20)
+    with pytest.raises(InvalidRequestError, match="--lora-memory-mb"):
+        tiny.add_request(GenerationParams("x", lora="b"))
+
+
 def test_a_lora_for_another_architecture_is_a_clear_400(tiny_sd3_dir, tiny_sd15_dir, lora_dir):
     unet = Engine.from_pretrained(tiny_sd15_dir, lora_dir=str(lora_dir))
     with pytest.raises(InvalidRequestError, match="only denoiser and text-encoder LoRAs for this model"):

@@ -159,6 +159,9 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                                       "(SD3 models)."),
         lora_dir: Optional[Path] = typer.Option(None, help="Folder of LoRA adapters (.safetensors) requests may "
                                                            "name in `lora`; nothing outside it is read."),
+        lora_memory_mb: float = typer.Option(512.0, min=0.001, help="Budget of resident LoRA adapters' weights "
+                                             "per model; the least recently used are evicted (and read again "
+                                             "when named)."),
         lora_uploads: bool = typer.Option(False, help="Allow PUT/DELETE /v1/loras/NAME to add and remove "
                                                       "adapters in --lora-dir (use with --api-key)."),
         max_lora_upload_mb: float = typer.Option(64.0, min=0.001, max=4096, help="Largest adapter file an "
@@ -186,7 +189,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                profile_cache=None if profile_cache is None else str(profile_cache),
                                default_cache=cache, full_slots=full_slots, cache_memory_mb=cache_memory_mb,
                                min_full_fraction=min_full_fraction,
-                               latent_aware=latent_aware, lora_dir=None if lora_dir is None else str(lora_dir))
+                               latent_aware=latent_aware, lora_dir=None if lora_dir is None else str(lora_dir),
+                               lora_memory_mb=lora_memory_mb)
             backend = make_backend(system, model, max_loaded_models=max_loaded_models,
                                    weights_memory_gb=weights_memory_gb, **options)
         except (GlideServeError, ValueError) as exc:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from glideserve.errors import InvalidRequestError
+from glideserve.scheduler.memory import MemoryLedger
 
 # Text encoders whose LoRA layers are served (CLIP attention and MLP projections), per diffusers' key prefix.
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -300,7 +301,8 @@ class LoraStore:
     """
 
     def __init__(self, directory: str | Path, denoiser_prefix: str, pipeline_class: str, dtype: torch.dtype,
-                 device: torch.device, max_resident: int = 16, modules: dict[str, nn.Module] | None = None):
+                 device: torch.device, max_resident: int = 16, modules: dict[str, nn.Module] | None = None,
+                 max_resident_bytes: int = 512 * 2**20):
         self.directory = Path(directory).resolve()
         if not self.directory.is_dir():
             raise ValueError(f"the LoRA directory {directory} does not exist")
@@ -310,6 +312,7 @@ class LoraStore:
         self.max_resident = max_resident
         self.modules = modules or {}  # denoiser_prefix / text encoder name -> module, to check adapters against
         self._resident: dict[str, LoraAdapter] = {}
+        self.memory = MemoryLedger(max_resident_bytes)  # the resident adapters' low-rank weights
         self._lock = threading.Lock()  # admission (any thread) and prefill (the compute thread) both look up
 
     def path_of(self, name: str) -> Path:
@@ -342,11 +345,23 @@ class LoraStore:
         return adapter
 
     def _keep(self, name: str, adapter: LoraAdapter) -> None:
-        """Make ``adapter`` the most recently used resident one, evicting beyond ``max_resident``."""
+        """Make ``adapter`` the most recently used resident one, evicting the least recently used beyond
+        ``max_resident`` adapters or the memory budget. (A running request keeps its own reference, so an
+        evicted adapter's memory returns once the requests that use it finish.)"""
+        if adapter.nbytes > self.memory.budget_bytes:
+            raise InvalidRequestError(f"LoRA {name!r} holds {adapter.nbytes / 2**20:.1f} MiB of weights, more than "
+                                      f"the server's adapter budget ({self.memory.budget_bytes / 2**20:.1f} MiB, "
+                                      "--lora-memory-mb)", "lora")
         with self._lock:
             self._resident[name] = adapter
-            while len(self._resident) > self.max_resident:
-                self._resident.pop(next(iter(self._resident)))
+            self.memory.release(name)
+            while len(self._resident) > self.max_resident or adapter.nbytes > self.memory.free:
+                self._evict(next(iter(self._resident)))
+            self.memory.claim(name, adapter.nbytes)
+
+    def _evict(self, name: str) -> None:
+        self._resident.pop(name)
+        self.memory.release(name)
 
     def add(self, name: str, data: bytes) -> dict:
         """Keep an uploaded adapter as ``DIR/NAME.safetensors`` once it reads and fits the model."""
@@ -378,7 +393,8 @@ class LoraStore:
             raise InvalidRequestError(f"LoRA {name!r} is a folder; remove it on the server's disk", "name")
         path.unlink()
         with self._lock:
-            self._resident.pop(name, None)
+            if name in self._resident:
+                self._evict(name)
 
     def describe(self) -> list[dict]:
         """Every adapter in the directory: whether it is resident and, if so, its rank and target layers."""

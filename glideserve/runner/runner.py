@@ -44,7 +44,7 @@ class ModelRunner:
         self.encoder = PromptEncoder(family, config.prompt_cache_size)
         self.loras = None if config.lora_dir is None else LoraStore(
             config.lora_dir, family.denoiser_prefix, family.pipeline_class, family.dtype, family.device,
-            config.max_loras, _lora_modules(family))
+            config.max_loras, _lora_modules(family), max_resident_bytes=int(config.lora_memory_mb * 2**20))
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
