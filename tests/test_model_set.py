@@ -30,7 +30,8 @@ def _models(*names, **kwargs) -> ModelSet:
 def _resident(models: ModelSet, name: str, core: FakeCore, weights: int = 100, at: float = 0.0) -> None:
     slot = models.get(name)
     slot.core, slot.weights_bytes, slot.last_used = core, weights, at
-    models.weights.claim(name, weights)
+    if not models.weights.claim(name, weights):
+        models.weights.claim_over_budget(name, weights)
 
 
 def test_model_options_parse_names_and_paths(tmp_path):
@@ -116,3 +117,12 @@ def test_a_request_about_to_miss_its_deadline_goes_before_fairness():
     assert models.next_to_step().name == "b"  # waiting one 1 s step of "a" would make it late
     models.get("b").core.slack = 3.0
     assert models.next_to_step().name == "a"  # it has room: fairness decides
+
+
+def test_a_first_load_larger_than_expected_unloads_idle_models_after_the_fact():
+    models = _models("a", "b", "c", weights_budget_bytes=250)
+    _resident(models, "a", FakeCore(busy=False), weights=100, at=1.0)
+    _resident(models, "b", FakeCore(busy=False), weights=100, at=2.0)
+    _resident(models, "c", FakeCore(busy=False), weights=100, at=3.0)  # its size was unknown before it loaded
+    assert models.excess(keep=models.get("c")) == [models.get("a")]
+    assert models.excess(keep=models.get("a")) == [models.get("b")]

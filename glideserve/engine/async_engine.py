@@ -141,6 +141,8 @@ class AsyncEngine:
             start = time.perf_counter()
             core = self._loader(slot.source, None)
             self.models.installed(slot, core, time.perf_counter() - start)
+            for victim in self.models.excess(keep=slot):  # its size is known only now
+                self._unload(victim)
             log.info("model %s loaded in %.2f s (%.1f MiB of weights)", slot.name, slot.load_s,
                      slot.weights_bytes / 2**20)
 

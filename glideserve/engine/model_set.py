@@ -226,6 +226,18 @@ class ModelSet:
             count -= 1
         return victims
 
+    def excess(self, keep: ModelSlot) -> list[ModelSlot]:
+        """Idle resident models (never ``keep``) to unload, least recently used first, until the resident
+        ones fit both budgets: for loads whose size was not known before they happened (the first)."""
+        idle = sorted((s for s in self.loaded() if s is not keep and not s.busy()), key=lambda s: s.last_used)
+        victims, used, count = [], self.weights.used, len(self.loaded())
+        while idle and (used > self.weights.budget_bytes or (self.max_loaded is not None and count > self.max_loaded)):
+            victim = idle.pop(0)
+            victims.append(victim)
+            used -= victim.weights_bytes
+            count -= 1
+        return victims
+
     def to_load(self) -> list[ModelSlot]:
         """Unloaded models with requests waiting for them, oldest waiting first."""
         waiting = [s for s in self.slots if s.core is None and not s.loading and s.pending]

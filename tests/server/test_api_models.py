@@ -136,3 +136,17 @@ def test_a_one_model_budget_unloads_the_idle_model_and_loads_on_demand(model_pat
                      f'glideserve_model_unloads_total{{model="sd15"}} {float(cards["sd15"]["unloads"])}',
                      'glideserve_model_step_seconds_total{model="sd15"}'):
             assert line in metrics, line
+
+
+def test_a_weights_budget_keeps_only_what_fits(model_paths, references):
+    models = [f"{name}={path}" for name, path in model_paths.items()]
+    # Smaller than either model: the one in use stays resident alone, whatever its size.
+    with LiveServer(models, ServerConfig(model_id="sd3"), max_sequence_length=MAX_SEQ,
+                    weights_memory_gb=1e-6) as live:
+        cards = {c["id"]: c["loaded"] for c in httpx.get(f"{live.api}/models").json()["data"]}
+        assert cards == {"sd3": True, "sd15": False}
+        body = _body("sd15", seed=8)
+        assert np.abs(_image(httpx.post(f"{live.api}/images/generations", json=body, timeout=180))
+                      - references("sd15", body)).max() <= 2
+        cards = {c["id"]: c["loaded"] for c in httpx.get(f"{live.api}/models").json()["data"]}
+        assert cards == {"sd3": False, "sd15": True}
