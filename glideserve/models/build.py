@@ -26,7 +26,7 @@ _CORPUS_WORDS = (
 ).split()
 
 
-def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _bpe_vocab_and_merges(extra_words: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-layout BPE built by construction (no trainer, so every build is identical).
 
     The vocabulary holds the special tokens, every character with and without the
@@ -39,7 +39,8 @@ def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
             vocab[ch + suffix] = len(vocab)
     merges: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
-    for word in sorted(set(_CORPUS_WORDS)):
+    # Extra words come after the corpus, so the corpus keeps its ids and merges.
+    for word in [*sorted(set(_CORPUS_WORDS)), *sorted(set(extra_words) - set(_CORPUS_WORDS))]:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         current = pieces[0]
         for piece in pieces[1:]:
@@ -51,21 +52,24 @@ def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_clip_tokenizer(max_length: int = 77):
-    """A CLIPTokenizer in CLIP's BPE layout (``</w>`` word suffix), built offline and deterministically."""
+def build_clip_tokenizer(max_length: int = 77, extra_words: tuple[str, ...] = ()):
+    """A CLIPTokenizer in CLIP's BPE layout (``</w>`` word suffix), built offline and deterministically;
+    ``extra_words`` become single tokens too, after the built-in ones."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = _bpe_vocab_and_merges()
+    vocab, merges = _bpe_vocab_and_merges(extra_words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def build_t5_tokenizer(max_length: int = 256):
-    """A T5 tokenizer from a Unigram vocabulary in T5's layout (pad=0, eos=1, unk=2)."""
+def build_t5_tokenizer(max_length: int = 256, extra_words: tuple[str, ...] = ()):
+    """A T5 tokenizer from a Unigram vocabulary in T5's layout (pad=0, eos=1, unk=2); ``extra_words``
+    are whole pieces too, after the built-in ones."""
     from transformers import T5Tokenizer
 
     pieces = ["<pad>", "</s>", "<unk>", "\u2581"]
     pieces += ["\u2581" + w for w in dict.fromkeys(_CORPUS_WORDS)]
     pieces += list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation)
+    pieces += ["\u2581" + w for w in dict.fromkeys(extra_words) if w not in _CORPUS_WORDS]
     vocab = [(p, 0.0 if i < 3 else -float(i) / 100.0) for i, p in enumerate(pieces)]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
@@ -120,6 +124,7 @@ class SD3Dims:
     image_size: int = 32
     use_t5: bool = True
     t5_max_length: int = 256
+    extra_words: tuple[str, ...] = ()  # whole-word tokens beyond the built-in corpus
 
 
 def build_sd3_components(dims: SD3Dims = SD3Dims(), seed: int = 0) -> dict:
@@ -131,7 +136,7 @@ def build_sd3_components(dims: SD3Dims = SD3Dims(), seed: int = 0) -> dict:
         raise ValueError("t5_dim must be >= 2 * clip_hidden: the two CLIP outputs are padded up to it")
     torch.manual_seed(seed)
     vae_factor = 2 ** (len(dims.vae_channels) - 1)
-    tokenizer = build_clip_tokenizer()
+    tokenizer = build_clip_tokenizer(extra_words=dims.extra_words)
     vocab = len(tokenizer)
     transformer = SD3Transformer2DModel(
         sample_size=dims.image_size // vae_factor, patch_size=dims.patch_size,
@@ -144,7 +149,7 @@ def build_sd3_components(dims: SD3Dims = SD3Dims(), seed: int = 0) -> dict:
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(dims.clip_hidden, dims.clip_layers, dims.clip_projection, vocab))
     text_encoder_3 = tokenizer_3 = None
     if dims.use_t5:
-        tokenizer_3 = build_t5_tokenizer(dims.t5_max_length)
+        tokenizer_3 = build_t5_tokenizer(dims.t5_max_length, dims.extra_words)
         t5_config = T5Config(
             vocab_size=len(tokenizer_3), d_model=dims.t5_dim, d_kv=max(8, dims.t5_dim // 4),
             d_ff=dims.t5_dim * 2, num_layers=dims.t5_layers, num_heads=4,
@@ -157,7 +162,7 @@ def build_sd3_components(dims: SD3Dims = SD3Dims(), seed: int = 0) -> dict:
     return _eval_all({
         "transformer": transformer, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
         "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-        "text_encoder_2": text_encoder_2, "tokenizer_2": build_clip_tokenizer(),
+        "text_encoder_2": text_encoder_2, "tokenizer_2": build_clip_tokenizer(extra_words=dims.extra_words),
         "text_encoder_3": text_encoder_3, "tokenizer_3": tokenizer_3,
     })
 

@@ -70,3 +70,81 @@ def evaluate_engine(model: str, *, steps: int, seeds: int, guidance: float | Non
     used_guidance = results[0].params.guidance_scale if results else guidance
     kept = [(r.image, dataset.caption(*combo)) for r, (combo, _) in zip(results, cases)] if keep_images else []
     return AdherenceReport(model, steps, used_guidance, seeds, len(images), accuracy, seconds, failures, kept)
+
+
+# -- the compositional task ---------------------------------------------------------------
+def scene_cases(per_level: int, seeds: int, sample_seed: int = 0) -> list[tuple[str, int]]:
+    """``(caption, seed)`` pairs: a fixed sample of ``per_level`` captions of each difficulty, seeds ``0..seeds-1``."""
+    if seeds < 1 or per_level < 1:
+        raise ValueError(f"need at least one caption per level and one seed, got {per_level} and {seeds}")
+    from glideserve.toy import scenes
+
+    captions = [c for level in scenes.evaluation_captions(per_level, sample_seed).values() for c in level]
+    return [(caption, seed) for seed in range(seeds) for caption in captions]
+
+
+def score_scene_images(images: list[np.ndarray], captions: list[str], toy_clip=None,
+                       fid_seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per difficulty level (and overall): the judge's per-skill accuracy and ``all``, and with the
+    toy CLIP (``toy_clip``, see ``glideserve.toy.contrastive``) its CLIP score and FID against dataset
+    images of the same captions."""
+    from glideserve.toy import contrastive, scene_judge, scenes
+
+    summary = scene_judge.summarize(captions, [scene_judge.score(im, c) for im, c in zip(images, captions)])
+    if toy_clip is None:
+        return summary
+    levels = [scenes.parse_caption(c).difficulty for c in captions]
+    stack = np.stack(images)
+    for level in summary:
+        pick = [i for i, lv in enumerate(levels) if level == "overall" or lv == level]
+        chosen = [captions[i] for i in pick]
+        summary[level]["toy_clip_score"] = float(toy_clip.score(stack[pick], chosen).mean())
+        if len(pick) >= 2:
+            reference = contrastive.reference_images(chosen, fid_seed)
+            summary[level]["toy_fid"] = contrastive.toy_fid(toy_clip, stack[pick], reference)
+    return summary
+
+
+@dataclass
+class SceneReport:
+    """Judge, toy CLIP score and toy FID per difficulty level for one model and step count."""
+
+    model: str
+    steps: int
+    guidance: float | None
+    seeds: int
+    num_images: int
+    levels: dict[str, dict[str, float]]
+    seconds: float
+    images: list = field(default_factory=list)  # (PIL image, caption) pairs when kept
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(1, self.num_images)
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "steps": self.steps, "guidance": self.guidance, "seeds": self.seeds,
+                "num_images": self.num_images, "levels": self.levels, "seconds": round(self.seconds, 3),
+                "seconds_per_image": round(self.seconds_per_image, 4)}
+
+
+def evaluate_scenes(model: str, *, steps: int | None, seeds: int, per_level: int, guidance: float | None = None,
+                    progress: bool = True, keep_images: bool = False, toy_clip=None,
+                    **engine_config) -> SceneReport:
+    """Generate the fixed caption sample of each difficulty through :class:`glideserve.Engine` and score it."""
+    from glideserve import Engine, GenerationParams
+
+    cases = scene_cases(per_level, seeds)
+    engine = Engine.from_pretrained(model, **{"max_waiting": len(cases), **engine_config})
+    requests = [GenerationParams(prompt=caption, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                                 height=dataset.IMAGE_SIZE, width=dataset.IMAGE_SIZE) for caption, seed in cases]
+    start = time.perf_counter()
+    results = engine.generate(requests, progress=progress)
+    seconds = time.perf_counter() - start
+    images = [np.asarray(r.image.convert("RGB")) for r in results]
+    captions = [caption for caption, _ in cases]
+    levels = score_scene_images(images, captions, toy_clip)
+    first = results[0].params
+    kept = [(r.image, c) for r, c in zip(results, captions)] if keep_images else []
+    return SceneReport(model, first.num_inference_steps, first.guidance_scale, seeds, len(images), levels, seconds,
+                       kept)

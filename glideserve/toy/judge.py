@@ -57,10 +57,11 @@ def _template(shape: str, area: float, centroid_x: float, centroid_y: float, sid
     return dataset.shape_mask(shape, size, centroid_x + 0.5, centroid_y + 0.5 - offset, side)
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str | None, float]:
-    """Best-overlapping shape template for a boolean foreground mask, with its IoU."""
+def classify_shape(mask: np.ndarray, min_pixels: int | None = None) -> tuple[str | None, float]:
+    """Best-overlapping shape template for a boolean foreground mask, with its IoU; no shape below
+    ``min_pixels`` (default: ``MIN_FOREGROUND_FRACTION`` of the image)."""
     area = float(mask.sum())
-    if area < MIN_FOREGROUND_FRACTION * mask.size:
+    if area < (MIN_FOREGROUND_FRACTION * mask.size if min_pixels is None else min_pixels):
         return None, 0.0
     ys, xs = np.nonzero(mask)
     cx, cy = float(xs.mean()), float(ys.mean())

@@ -10,6 +10,7 @@ every text token also runs through the joint transformer blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,21 @@ from pathlib import Path
 import torch
 
 from glideserve.models.build import SD3Dims, build_clip_tokenizer, build_sd3_components, build_t5_tokenizer
-from glideserve.toy import dataset
+from glideserve.toy import dataset, scenes
 from glideserve.toy.vae import LATENT_CHANNELS, VAE_CHANNELS
 
 T5_MAX_LENGTH = 10  # every caption is 8 T5 tokens with EOS
+SCENES_T5_MAX_LENGTH = 16  # the longest relation caption is 15 T5 tokens with EOS
 SCHEDULER_SHIFT = 3.0
 DEFAULT_STEPS = 20
 TEXT_DIMS = SD3Dims(clip_hidden=32, clip_layers=1, clip_projection=32, t5_dim=64, t5_layers=1,
                     vae_channels=VAE_CHANNELS, latent_channels=LATENT_CHANNELS, image_size=dataset.IMAGE_SIZE,
                     t5_max_length=T5_MAX_LENGTH)
+# The compositional task's text side: the same sizes and seed, its words as whole tokens, longer T5 sequences.
+SCENES_TEXT_DIMS = dataclasses.replace(TEXT_DIMS, t5_max_length=SCENES_T5_MAX_LENGTH,
+                                       extra_words=scenes.CAPTION_WORDS)
 TEXT_SEED = 1234
+TASKS = ("shapes", "scenes")
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,18 @@ class ToyPreset:
     lr: float
     default_guidance: float
     patch_size: int = 2
+    task: str = "shapes"  # what it is trained on: the one-shape task or the compositional scenes
+
+    @property
+    def t5_max_length(self) -> int:
+        return SCENES_T5_MAX_LENGTH if self.task == "scenes" else T5_MAX_LENGTH
 
 
 PRESETS: dict[str, ToyPreset] = {
     "small": ToyPreset("glide-small", layers=6, heads=4, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0),
     "tiny": ToyPreset("glide-tiny", layers=3, heads=2, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0),
+    "base": ToyPreset("glide-base", layers=8, heads=4, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0,
+                      task="scenes"),
 }
 
 
@@ -73,24 +86,38 @@ def build_transformer(p: ToyPreset, seed: int = 0):
     )
 
 
-def clip_max_length() -> int:
+def task_captions(task: str = "shapes") -> list[str]:
+    """Every caption of a task."""
+    if task == "shapes":
+        return dataset.all_captions()
+    if task == "scenes":
+        return [c for level in scenes.DIFFICULTIES for c in scenes.captions_of(level)]
+    raise ValueError(f"unknown toy task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def text_dims(task: str) -> SD3Dims:
+    return SCENES_TEXT_DIMS if task == "scenes" else TEXT_DIMS
+
+
+def clip_max_length(task: str = "shapes") -> int:
     """Tokens of the longest caption (BOS and EOS included): CLIP is padded to exactly this.
 
     Truncating a caption would drop its EOS token, whose hidden state is CLIP's pooled
     output, so the length must cover every caption of the task.
     """
-    tokenizer = build_clip_tokenizer()
-    return max(len(tokenizer(text).input_ids) for text in dataset.all_captions())
+    tokenizer = build_clip_tokenizer(extra_words=text_dims(task).extra_words)
+    return max(len(tokenizer(text).input_ids) for text in task_captions(task))
 
 
-def build_text_components() -> dict:
-    """The frozen text side shared by every toy model: two CLIP encoders, T5 and their tokenizers."""
-    components = build_sd3_components(TEXT_DIMS, seed=TEXT_SEED)
+def build_text_components(task: str = "shapes") -> dict:
+    """The frozen text side of a task's toy models: two CLIP encoders, T5 and their tokenizers."""
+    dims = text_dims(task)
+    components = build_sd3_components(dims, seed=TEXT_SEED)
     text = {key: components[key] for key in ("text_encoder", "text_encoder_2", "text_encoder_3")}
-    length = clip_max_length()
-    text["tokenizer"] = build_clip_tokenizer(max_length=length)
-    text["tokenizer_2"] = build_clip_tokenizer(max_length=length)
-    text["tokenizer_3"] = build_t5_tokenizer(T5_MAX_LENGTH)
+    length = clip_max_length(task)
+    text["tokenizer"] = build_clip_tokenizer(max_length=length, extra_words=dims.extra_words)
+    text["tokenizer_2"] = build_clip_tokenizer(max_length=length, extra_words=dims.extra_words)
+    text["tokenizer_3"] = build_t5_tokenizer(dims.t5_max_length, dims.extra_words)
     for module in (text["text_encoder"], text["text_encoder_2"], text["text_encoder_3"]):
         module.requires_grad_(False).eval()
     return text
@@ -107,13 +134,14 @@ def assemble_pipeline(transformer, vae, text: dict):
 
 
 @torch.no_grad()
-def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_captions(pipe, captions: list[str], max_sequence_length: int = T5_MAX_LENGTH
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt embeddings and pooled embeddings exactly as the SD3 pipeline computes them at serving time."""
     embeds, pooled = [], []
     for start in range(0, len(captions), 64):
         chunk = captions[start:start + 64]
         e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
-                                        do_classifier_free_guidance=False, max_sequence_length=T5_MAX_LENGTH)
+                                        do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
         embeds.append(e)
         pooled.append(p)
     return torch.cat(embeds), torch.cat(pooled)
@@ -121,7 +149,7 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 def serving_defaults(p: ToyPreset) -> dict:
     return {"default_steps": DEFAULT_STEPS, "default_guidance": p.default_guidance,
-            "max_sequence_length": T5_MAX_LENGTH}
+            "max_sequence_length": p.t5_max_length}
 
 
 def save_model(pipe, p: ToyPreset, out: Path) -> None:

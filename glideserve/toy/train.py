@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -26,9 +27,11 @@ CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
 WARMUP_STEPS = 200
 SAMPLES_PER_CAPTION = 150
+SCENE_SAMPLES = 40_000  # the compositional task has 10,416 captions: a fixed set of scenes, not per caption
 # Transformer steps of the shipped models (what ``train-toy`` runs when given neither steps nor minutes).
 DEFAULT_TRAIN_STEPS = {"small": 3576, "tiny": 5704}
 DEFAULT_VAE_STEPS = 672
+SCENES_VAE_STEPS = 400  # fine-tuning glide-small's autoencoder on the scenes
 
 
 @dataclass
@@ -43,6 +46,7 @@ class LatentDataset:
     caption_index: torch.Tensor  # (N,) into embeds / pooled
     embeds: torch.Tensor  # (num_captions + 1, L, D)
     pooled: torch.Tensor  # (num_captions + 1, P)
+    captions: list[str] = field(default_factory=list)  # the captions embeds rows 0..num_captions-1 encode
 
     @property
     def empty_index(self) -> int:
@@ -51,20 +55,30 @@ class LatentDataset:
 
 @torch.no_grad()
 def build_latent_dataset(pipe, seed: int, samples_per_caption: int = SAMPLES_PER_CAPTION,
-                         progress: bool = True) -> LatentDataset:
-    """Render, encode and scale a fixed dataset; encode every caption once with the pipeline's text side."""
-    captions = dataset.all_captions()
-    samples = dataset.random_samples(samples_per_caption * len(captions), seed)
+                         progress: bool = True, task: str = "shapes", max_sequence_length: int = recipe.T5_MAX_LENGTH,
+                         scene_samples: int = SCENE_SAMPLES) -> LatentDataset:
+    """Render, encode and scale a fixed dataset; encode every caption it uses once with the pipeline's text
+    side. ``shapes``: ``samples_per_caption`` images of each of the 168 captions; ``scenes``: ``scene_samples``
+    scenes drawn with the task's default difficulty mix."""
+    if task == "shapes":
+        samples = dataset.random_samples(samples_per_caption * len(dataset.all_captions()), seed)
+        render = dataset.render_batch
+    else:
+        from glideserve.toy import scenes
+
+        samples = scenes.sample_scenes(scene_samples, seed)
+        render = lambda chunk: np.stack([scenes.render_scene(s) for s in chunk])  # noqa: E731
+    captions = list(dict.fromkeys(s.caption for s in samples))
     lookup = {text: i for i, text in enumerate(captions)}
     vae = pipe.vae
     chunks = []
     for start in tqdm(range(0, len(samples), 128), desc="latents", disable=not progress, unit="batch"):
-        images = dataset.to_model_range(dataset.render_batch(samples[start:start + 128]))
+        images = dataset.to_model_range(render(samples[start:start + 128]))
         chunks.append(vae.encode(images).latent_dist.mean)
     latents = (torch.cat(chunks) - vae.config.shift_factor) * vae.config.scaling_factor
-    embeds, pooled = recipe.encode_captions(pipe, captions + [""])
+    embeds, pooled = recipe.encode_captions(pipe, captions + [""], max_sequence_length)
     index = torch.tensor([lookup[s.caption] for s in samples])
-    return LatentDataset(latents, index, embeds, pooled)
+    return LatentDataset(latents, index, embeds, pooled, captions)
 
 
 def flow_sigmas(u: torch.Tensor, shift: float = recipe.SCHEDULER_SHIFT) -> torch.Tensor:
@@ -163,7 +177,7 @@ def train_toy_model(size: str, out: Path, *, steps: int | None = None, minutes: 
                     seed: int = 0, vae_from: Path | None = None, vae_steps: int = DEFAULT_VAE_STEPS,
                     samples_per_caption: int = SAMPLES_PER_CAPTION, resume: bool = False,
                     checkpoint_every_s: float = 300.0, progress: bool = True,
-                    latent_cache: Path | None = None) -> Path:
+                    latent_cache: Path | None = None, scene_samples: int = SCENE_SAMPLES) -> Path:
     """Train one bundled-size model and write it to ``out`` in the diffusers SD3 layout.
 
     The VAE is trained first (``vae_steps``) unless ``vae_from`` names a folder with a trained
@@ -183,18 +197,25 @@ def train_toy_model(size: str, out: Path, *, steps: int | None = None, minutes: 
         vae = load_vae_from(Path(vae_from))
     elif resume:
         vae = load_vae_from(out)
+    elif p.task == "scenes":  # small objects need more than the one-shape autoencoder: fine-tune it on scenes
+        from glideserve.models.loading import bundled_model_dir
+
+        vae = toy_vae.train_vae(steps=vae_steps, minutes=None, seed=seed, progress=progress, task="scenes",
+                                init=load_vae_from(bundled_model_dir("glide-small")))
     else:
         vae = toy_vae.train_vae(steps=vae_steps, minutes=None, seed=seed, progress=progress)
-    text = recipe.build_text_components()
+    text = recipe.build_text_components(p.task)
     pipe = recipe.assemble_pipeline(recipe.build_transformer(p, seed), vae, text)
     if latent_cache is not None and Path(latent_cache).is_file():
         cached = torch.load(latent_cache)
-        embeds, pooled = recipe.encode_captions(pipe, dataset.all_captions() + [""])
-        data = LatentDataset(cached["latents"], cached["caption_index"], embeds, pooled)
+        embeds, pooled = recipe.encode_captions(pipe, cached["captions"] + [""], p.t5_max_length)
+        data = LatentDataset(cached["latents"], cached["caption_index"], embeds, pooled, cached["captions"])
     else:
-        data = build_latent_dataset(pipe, seed, samples_per_caption, progress)
+        data = build_latent_dataset(pipe, seed, samples_per_caption, progress, task=p.task,
+                                    max_sequence_length=p.t5_max_length, scene_samples=scene_samples)
         if latent_cache is not None:
-            torch.save({"latents": data.latents, "caption_index": data.caption_index}, latent_cache)
+            torch.save({"latents": data.latents, "caption_index": data.caption_index,
+                        "captions": data.captions}, latent_cache)
     trainer = TransformerTrainer(p, data, seed)
     if resume:
         trainer.load_state_dict(torch.load(state_file, weights_only=False))

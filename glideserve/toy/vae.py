@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -34,18 +35,33 @@ def build_vae(seed: int = 0):
     )
 
 
+def task_images(task: str, count: int, seed: int) -> torch.Tensor:
+    """``count`` fresh images of ``task`` (``shapes``: one centred shape; ``scenes``: the compositional
+    task's mix) in the VAE's input range."""
+    if task == "shapes":
+        return dataset.to_model_range(dataset.render_batch(dataset.random_samples(count, seed)))
+    if task == "scenes":
+        from glideserve.toy import scenes
+
+        return dataset.to_model_range(np.stack([scenes.render_scene(s) for s in scenes.sample_scenes(count, seed)]))
+    raise ValueError(f"unknown toy task {task!r}; choose shapes or scenes")
+
+
 def train_vae(*, steps: int | None, minutes: float | None, batch_size: int = 24, lr: float = 1e-3,
-              seed: int = 0, log_every: int = 50, progress: bool = True):
+              seed: int = 0, log_every: int = 50, progress: bool = True, task: str = "shapes", init=None):
     """Train a fresh VAE for ``steps`` optimizer steps or ``minutes`` of wall time (whichever is set).
 
     Every batch is freshly drawn from the procedural dataset (seeded), so there is no
     overfitting to a fixed set. The learning rate is constant, so a run cut by ``minutes``
-    equals a run of the same number of ``steps``. Returns the trained VAE in eval mode with its scaling
+    equals a run of the same number of ``steps``. ``init`` (a trained VAE of the same layout) is
+    fine-tuned instead of a fresh one. Returns the trained VAE in eval mode with its scaling
     factors set.
     """
     if (steps is None) == (minutes is None):
         raise ValueError("give exactly one of steps or minutes")
     vae = build_vae(seed)
+    if init is not None:
+        vae.load_state_dict(init.state_dict())
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
@@ -53,7 +69,7 @@ def train_vae(*, steps: int | None, minutes: float | None, batch_size: int = 24,
     bar = tqdm(total=total, desc="vae", disable=not progress, unit="step")
     step = 0
     while (steps is not None and step < steps) or (deadline is not None and time.monotonic() < deadline):
-        images = dataset.to_model_range(dataset.render_batch(dataset.random_samples(batch_size, seed * 1_000_003 + step)))
+        images = task_images(task, batch_size, seed * 1_000_003 + step)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         mse = torch.nn.functional.mse_loss(recon, images)
@@ -69,14 +85,14 @@ def train_vae(*, steps: int | None, minutes: float | None, batch_size: int = 24,
             bar.set_postfix(mse=f"{mse.item():.5f}", kl=f"{kl.item():.1f}")
     bar.close()
     vae.eval()
-    set_latent_scaling(vae, seed)
+    set_latent_scaling(vae, seed, task=task)
     return vae
 
 
 @torch.no_grad()
-def set_latent_scaling(vae, seed: int = 0, count: int = 512) -> None:
+def set_latent_scaling(vae, seed: int = 0, count: int = 512, task: str = "shapes") -> None:
     """Set ``shift_factor`` and ``scaling_factor`` from the encoder's latent statistics."""
-    images = dataset.to_model_range(dataset.render_batch(dataset.random_samples(count, seed + 7)))
+    images = task_images(task, count, seed + 7)
     latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
     vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
 

@@ -37,11 +37,23 @@ def test_train_toy_rejects_bad_options(tmp_path):
 
 def test_eval_judge_reports_accuracy_through_the_engine(tmp_path):
     report_file, grid_file = tmp_path / "judge.json", tmp_path / "grid.png"
-    result = runner.invoke(app, ["eval", "judge", "--model", "glide-tiny", "--steps", "4", "--seeds", "1",
-                                 "--every", "21", "--json", str(report_file), "--grid", str(grid_file)])
+    result = runner.invoke(app, ["eval", "judge", "--model", "glide-tiny", "--task", "shapes", "--steps", "4",
+                                 "--seeds", "1", "--every", "21", "--json", str(report_file), "--grid",
+                                 str(grid_file)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_file.read_text())
     assert report["num_images"] == 8 and report["steps"] == 4
     assert set(report["accuracy"]) == {"background", "color", "shape", "all"}
     assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
     assert grid_file.stat().st_size > 0
+
+
+def test_eval_judge_scores_each_difficulty_of_the_scenes(tmp_path):
+    report_file = tmp_path / "scenes.json"
+    result = runner.invoke(app, ["eval", "judge", "--model", "glide-tiny", "--steps", "2", "--seeds", "1",
+                                 "--per-level", "3", "--no-toy-clip", "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    assert report["num_images"] == 9 and set(report["levels"]) == {"easy", "medium", "hard", "overall"}
+    assert set(report["levels"]["hard"]) >= {"position", "binding", "all", "n"}
+    assert "hard" in result.output and "binding" in result.output
