@@ -41,11 +41,13 @@ ImageGenerator = Callable[[list[GenerationParams], bool], list[Image.Image]]
 @dataclass(frozen=True)
 class QualityCase:
     """One image to compare: a prompt and a seed; ``fields`` holds the toy caption's
-    ``(color, shape, background)`` when the prompt is a toy caption, for the judge."""
+    ``(color, shape, background)`` when the prompt is a one-shape toy caption, for the judge;
+    ``level`` the difficulty when it is a caption of the compositional task."""
 
     prompt: str
     seed: int
     fields: tuple[str, str, str] | None = None
+    level: str | None = None
 
 
 def prompt_cases(prompts: list[str], seeds: int) -> list[QualityCase]:
@@ -65,6 +67,15 @@ def toy_cases(count: int, seeds: int) -> list[QualityCase]:
                          f"(and at least one seed; use more seeds for more images), got {count}")
     picked = [combos[i * len(combos) // count] for i in range(count)]
     return [QualityCase(dataset.caption(*combo), seed, combo) for seed in range(seeds) for combo in picked]
+
+
+def scene_cases(per_level: int, seeds: int) -> list[QualityCase]:
+    """The compositional task's fixed sample of ``per_level`` captions per difficulty, seeds ``0..seeds-1``."""
+    from glideserve.toy.evaluate import scene_cases as cases
+    from glideserve.toy.scenes import parse_caption
+
+    return [QualityCase(caption, seed, level=parse_caption(caption).difficulty)
+            for caption, seed in cases(per_level, seeds)]
 
 
 # -- pixel comparison ----------------------------------------------------------------------
@@ -330,13 +341,15 @@ class SystemQuality:
     clip_score: float | None = None
     fid: float | None = None
     images: list[dict] = field(default_factory=list)
+    levels: dict[str, dict[str, float]] | None = None  # the compositional task: judge, toy CLIP, toy FID
 
     def as_dict(self) -> dict:
         pixel = self.comparison.as_dict() if self.comparison is not None else dict.fromkeys(
             ("ssim", "psnr", "identical", "max_abs_diff"))
         return {"system": self.system, "num_images": self.num_images,
                 "seconds_with_loading": round(self.seconds, 3), **pixel,
-                "judge_accuracy": self.judge, "clip_score": self.clip_score, "fid": self.fid, "images": self.images}
+                "judge_accuracy": self.judge, "clip_score": self.clip_score, "fid": self.fid,
+                "levels": self.levels, "images": self.images}
 
 
 @dataclass
@@ -365,8 +378,17 @@ def _judge(images: list[Image.Image], cases: list[QualityCase]) -> tuple[dict | 
     return judge.accuracy(verdicts, [case.fields for case in cases]), reads
 
 
+def _levels(images: list[Image.Image], cases: list[QualityCase], toy_clip) -> dict | None:
+    if not cases or any(case.level is None for case in cases):
+        return None
+    from glideserve.toy.evaluate import score_scene_images
+
+    return score_scene_images([np.asarray(image.convert("RGB")) for image in images], [c.prompt for c in cases],
+                              toy_clip)
+
+
 def _score(system: str, images: list[Image.Image], seconds: float, cases: list[QualityCase],
-           metrics: ReferenceFreeMetrics, references: list[Image.Image] | None) -> SystemQuality:
+           metrics: ReferenceFreeMetrics, references: list[Image.Image] | None, toy_clip=None) -> SystemQuality:
     judge_accuracy, reads = _judge(images, cases)
     records = []
     for i, (image, case) in enumerate(zip(images, cases)):
@@ -380,7 +402,8 @@ def _score(system: str, images: list[Image.Image], seconds: float, cases: list[Q
         system, len(images), seconds,
         comparison=aggregate_comparison(images, references) if references is not None else None,
         judge=judge_accuracy, clip_score=metrics.clip_score(images, [c.prompt for c in cases]),
-        fid=metrics.fid(images) if references is not None else None, images=records)
+        fid=metrics.fid(images) if references is not None else None, images=records,
+        levels=_levels(images, cases, toy_clip))
 
 
 def _save(folder: Path, images: list[Image.Image]) -> None:
@@ -392,11 +415,13 @@ def _save(folder: Path, images: list[Image.Image]) -> None:
 def run_quality(model: str, cases: list[QualityCase], systems: dict[str, ImageGenerator], *,
                 steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
                 metrics: ReferenceFreeMetrics | None = None, out_dir: Path | None = None,
-                progress: bool = True, num_threads: int | None = None) -> QualityReport:
+                progress: bool = True, num_threads: int | None = None, toy_clip=None) -> QualityReport:
     """Generate ``cases`` with the reference and each system, and score every system against it.
 
     ``size`` is ``(height, width)``; ``None`` settings take the model's defaults. Every
-    system receives the same fully resolved requests (seed, steps, guidance, size).
+    system receives the same fully resolved requests (seed, steps, guidance, size). Captions of the
+    compositional task are scored per difficulty (judge, and with ``toy_clip`` the toy CLIP score
+    and FID).
     """
     if not cases or not systems:
         raise ValueError("need at least one case and one system")
@@ -408,7 +433,8 @@ def run_quality(model: str, cases: list[QualityCase], systems: dict[str, ImageGe
         raise GlideServeError("the toy judge reads square images: choose a square size for toy captions")
     start = time.perf_counter()
     reference_images = reference(requests, progress)
-    scored_reference = _score(REFERENCE, reference_images, time.perf_counter() - start, cases, metrics, None)
+    scored_reference = _score(REFERENCE, reference_images, time.perf_counter() - start, cases, metrics, None,
+                              toy_clip)
     del reference  # one pipeline in memory at a time
     metrics.set_reference(reference_images)
     if out_dir is not None:
@@ -420,7 +446,7 @@ def run_quality(model: str, cases: list[QualityCase], systems: dict[str, ImageGe
         seconds = time.perf_counter() - start
         if len(images) != len(requests):
             raise GlideServeError(f"{name} returned {len(images)} images for {len(requests)} requests")
-        scored.append(_score(name, images, seconds, cases, metrics, reference_images))
+        scored.append(_score(name, images, seconds, cases, metrics, reference_images, toy_clip))
         if out_dir is not None:
             _save(out_dir / name, images)
     first = requests[0]

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from glideserve.errors import GlideServeError, InvalidRequestError
 from glideserve.params import GenerationParams, parse_size
+from glideserve.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "glide-small"
 MAX_PROMPTS_PER_FILE = 10_000
 
 

@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from glideserve.errors import GlideServeError
+from glideserve.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "glide-small"
 
 
 def profile_rows(profile) -> list[dict]:

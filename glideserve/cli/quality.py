@@ -42,6 +42,19 @@ def quality_table(report) -> str:
     return markdown_table(header, rows)
 
 
+def levels_table(report) -> str:
+    """Per system and difficulty: the judge's all-correct, toy CLIP score and toy FID."""
+    from glideserve.bench.report import markdown_table
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [[entry.system, level, fmt(row.get("all")), fmt(row.get("toy_clip_score")), fmt(row.get("toy_fid")),
+             str(int(row["n"]))]
+            for entry in (report.reference, *report.systems) for level, row in (entry.levels or {}).items()]
+    return markdown_table(["system", "level", "judge all", "toy CLIP score", "toy FID", "images"], rows)
+
+
 def eval_quality(
     model: Annotated[str, typer.Option("--model", help="Bundled model name, diffusers folder or checkpoint.")],
     system: Annotated[Optional[list[str]], typer.Option(
@@ -52,6 +65,9 @@ def eval_quality(
     toy_captions: Annotated[Optional[int], typer.Option(
         "--toy-captions", help=f"Use N toy captions 'a {{color}} {{shape}} on a {{background}} background', "
                                f"judged for prompt adherence (default: {DEFAULT_TOY_CAPTIONS}).")] = None,
+    scene_captions: Annotated[Optional[int], typer.Option(
+        "--scene-captions", help="Use a fixed sample of N captions per difficulty of the compositional task, "
+                                 "scored per level: judge skills, toy CLIP score and toy FID.")] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt (seeds 0..K-1).")] = 1,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (default: the model's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(
@@ -83,16 +99,21 @@ def eval_quality(
     unknown = [name for name in systems if name not in quality.SYSTEMS]
     if unknown:
         _fail(f"unknown system {unknown[0]!r}; choose from {', '.join(quality.SYSTEMS)}")
-    if prompts is not None and toy_captions is not None:
-        _fail("give --prompts or --toy-captions, not both")
+    if sum(option is not None for option in (prompts, toy_captions, scene_captions)) > 1:
+        _fail("give one of --prompts, --toy-captions and --scene-captions")
     for name, value in (("--seeds", seeds), ("--steps", steps), ("--threads", threads),
                         ("--max-batch-rows", max_batch_rows)):
         if value is not None and value < 1:
             _fail(f"{name} must be at least 1, got {value}")
     config = {k: v for k, v in (("num_threads", threads), ("max_batch_rows", max_batch_rows)) if v is not None}
     try:
+        toy_clip = None
         if prompts is not None:
             cases = quality.prompt_cases(read_prompts(prompts), seeds)
+        elif scene_captions is not None:
+            from glideserve.toy.contrastive import load_toy_clip
+
+            cases, toy_clip = quality.scene_cases(scene_captions, seeds), load_toy_clip()
         else:
             cases = quality.toy_cases(DEFAULT_TOY_CAPTIONS if toy_captions is None else toy_captions, seeds)
         hw = parse_size(size) if size is not None else None
@@ -100,7 +121,8 @@ def eval_quality(
         metrics = quality.ReferenceFreeMetrics(clip_model, fid_weights)
         generators = {name: quality.system_generator(name, model, **config) for name in systems}
         report = quality.run_quality(model, cases, generators, steps=steps, guidance=guidance, size=hw,
-                                     metrics=metrics, out_dir=out_dir, progress=progress, num_threads=threads)
+                                     metrics=metrics, out_dir=out_dir, progress=progress, num_threads=threads,
+                                     toy_clip=toy_clip)
     except GlideServeError as exc:
         _fail(exc.message)
     except (ValueError, FileNotFoundError) as exc:
@@ -110,6 +132,8 @@ def eval_quality(
                f"{s['guidance']:g}, {s['width']}x{s['height']}, sampler {s['sampler']}; reference: the diffusers "
                "pipeline run alone per request")
     typer.echo(quality_table(report), nl=False)
+    if report.reference.levels is not None:
+        typer.echo(levels_table(report), nl=False)
     for metric, note in report.notes.items():
         typer.echo(f"{metric}: {note}")
     if json_out is not None:

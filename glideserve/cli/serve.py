@@ -10,8 +10,8 @@ from typing import List, Optional
 import typer
 
 from glideserve.errors import GlideServeError
+from glideserve.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "glide-small"
 BASELINES_MODULE = "glideserve.bench.baselines"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 

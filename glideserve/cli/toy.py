@@ -17,8 +17,9 @@ def _fail(message: str) -> None:
 
 
 def train_toy(
-    size: str = typer.Option("small", "--size", help="Model: base (glide-base, the compositional scenes), small "
-                             "(glide-small) or tiny (glide-tiny) (one shape)."),
+    size: str = typer.Option("small", "--size", help="Model: base (glide-base, the compositional scenes), turbo "
+                             "(glide-turbo, distilled from a glide-base), small (glide-small) or tiny (glide-tiny) "
+                             "(one shape)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./glide-SIZE)."),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="Train the transformer for this many minutes."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Train the transformer for this many steps "
@@ -32,6 +33,9 @@ def train_toy(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (steps count in total)."),
     samples_per_caption: int = typer.Option(150, "--samples-per-caption",
                                             help="Images per caption in the fixed latent dataset."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="turbo: the glide-base folder to distill "
+                                           "(default: the bundled glide-base)."),
+    pairs: int = typer.Option(4096, "--pairs", help="turbo: teacher samples (noise, image) to reflow on."),
 ) -> None:
     """Train a toy text-to-image model (shapes, colours, counts, sizes, relations) and write it in the
     diffusers SD3 layout."""
@@ -52,9 +56,20 @@ def train_toy(
             _fail(f"--size {size} has no recorded step count yet; give --steps or --minutes")
         steps = DEFAULT_TRAIN_STEPS[size]
     torch.set_num_threads(threads)
+    target = out if out is not None else Path(f"glide-{size}")
+    if size == "turbo":
+        from glideserve.models.loading import bundled_model_dir
+        from glideserve.toy.distill import distill_turbo
+
+        try:
+            folder = distill_turbo(teacher or bundled_model_dir("glide-base"), target, steps=steps, minutes=minutes,
+                                   pairs=pairs, seed=seed, resume=resume)
+        except (FileNotFoundError, OSError) as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {folder} (load it with `glideserve generate --model {folder}`)")
+        return
     if vae_steps is None:
         vae_steps = SCENES_VAE_STEPS if recipe.PRESETS[size].task == "scenes" else DEFAULT_VAE_STEPS
-    target = out if out is not None else Path(f"glide-{size}")
     try:
         folder = train_toy_model(size, target, steps=steps, minutes=minutes, seed=seed, vae_from=vae_from,
                                  vae_steps=vae_steps, resume=resume,

@@ -48,6 +48,7 @@ class ToyPreset:
     default_guidance: float
     patch_size: int = 2
     task: str = "shapes"  # what it is trained on: the one-shape task or the compositional scenes
+    default_steps: int = DEFAULT_STEPS
 
     @property
     def t5_max_length(self) -> int:
@@ -59,6 +60,9 @@ PRESETS: dict[str, ToyPreset] = {
     "tiny": ToyPreset("glide-tiny", layers=3, heads=2, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0),
     "base": ToyPreset("glide-base", layers=8, heads=4, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0,
                       task="scenes"),
+    # Distilled from glide-base (glideserve.toy.distill): its architecture, 2 unguided steps.
+    "turbo": ToyPreset("glide-turbo", layers=8, heads=4, head_dim=32, batch_size=64, lr=2e-4, default_guidance=1.0,
+                       task="scenes", default_steps=2),
 }
 
 
@@ -148,7 +152,7 @@ def encode_captions(pipe, captions: list[str], max_sequence_length: int = T5_MAX
 
 
 def serving_defaults(p: ToyPreset) -> dict:
-    return {"default_steps": DEFAULT_STEPS, "default_guidance": p.default_guidance,
+    return {"default_steps": p.default_steps, "default_guidance": p.default_guidance,
             "max_sequence_length": p.t5_max_length}
 
 

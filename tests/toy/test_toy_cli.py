@@ -57,3 +57,17 @@ def test_eval_judge_scores_each_difficulty_of_the_scenes(tmp_path):
     assert report["num_images"] == 9 and set(report["levels"]) == {"easy", "medium", "hard", "overall"}
     assert set(report["levels"]["hard"]) >= {"position", "binding", "all", "n"}
     assert "hard" in result.output and "binding" in result.output
+
+
+def test_eval_quality_scores_scene_captions_per_level(tmp_path):
+    report_file = tmp_path / "quality.json"
+    result = runner.invoke(app, ["eval", "quality", "--model", "glide-tiny", "--scene-captions", "2", "--steps", "2",
+                                 "--threads", "1", "--no-progress", "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    engine = report["systems"][0]
+    assert engine["ssim"] > 0.99  # the engine against diffusers' pipeline
+    for level in ("easy", "medium", "hard", "overall"):
+        row = engine["levels"][level]
+        assert 0 <= row["all"] <= 1 and row["toy_clip_score"] >= 0 and row["toy_fid"] >= 0
+    assert "toy CLIP score" in result.output
