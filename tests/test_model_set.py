@@ -126,3 +126,35 @@ def test_a_first_load_larger_than_expected_unloads_idle_models_after_the_fact():
     _resident(models, "c", FakeCore(busy=False), weights=100, at=3.0)  # its size was unknown before it loaded
     assert models.excess(keep=models.get("c")) == [models.get("a")]
     assert models.excess(keep=models.get("a")) == [models.get("b")]
+
+
+def test_a_model_idle_for_a_while_comes_back_without_credit_even_when_all_were_idle():
+    models = _models("a", "b")
+    _resident(models, "a", FakeCore(step_s=1.0))
+    _resident(models, "b", FakeCore(step_s=1.0, busy=False))
+    _run_steps(models, 100)  # "a" alone
+    models.get("a").core.busy = False
+    assert models.next_to_step() is None  # everyone idle for a moment
+    models.get("a").core.busy = models.get("b").core.busy = True
+    order = _run_steps(models, 20)
+    assert 8 <= order.count("a") <= 12  # "b" did not bank 100 s of credit
+
+
+def test_a_request_already_late_does_not_starve_the_other_model():
+    models = _models("a", "b")
+    _resident(models, "a", FakeCore(step_s=1.0))
+    _resident(models, "b", FakeCore(step_s=1.0, slack=-5.0))  # will miss its deadline whatever happens
+    order = _run_steps(models, 20)
+    assert 8 <= order.count("a") <= 12
+
+
+def test_a_load_claims_its_weights_when_it_starts():
+    models = _models("a", "b", "c", weights_budget_bytes=1000)
+    _resident(models, "a", FakeCore(busy=True), weights=600)
+    for name in ("b", "c"):
+        models.get(name).weights_bytes = 400
+    assert models.victims_for(models.get("b")) == []
+    models.begin_load(models.get("b"), now=0.0)
+    assert models.victims_for(models.get("c")) is None  # "a" is busy and "b" already holds its share
+    models.load_failed(models.get("b"))
+    assert models.victims_for(models.get("c")) == []

@@ -131,16 +131,31 @@ def eval_judge(
                    f"all three {acc['all']:.3f}")
     typer.echo(f"  {report.seconds_per_image:.3f} s/image ({report.seconds:.1f} s total)")
     if grid is not None:
-        from glideserve.toy.grid import caption_grid
-
-        # Spread the grid over the captions instead of showing the first few colours only.
-        count = min(grid_size, len(report.images))
-        pick = [report.images[i * (len(report.images) - 1) // max(1, count - 1)] for i in range(count)]
-        grid.parent.mkdir(parents=True, exist_ok=True)
-        caption_grid([image for image, _ in pick], [text for _, text in pick]).save(grid)
+        _save_grids(grid, report.images, grid_size, by_level=task == "scenes")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+
+
+def _save_grids(grid: Path, images: list, size: int, by_level: bool) -> None:
+    """A captioned grid spread over the images; for the scenes, one per difficulty (GRID-easy.png, ...)."""
+    from glideserve.toy.grid import caption_grid
+
+    groups = {grid: images}
+    if by_level:
+        from glideserve.toy.scenes import parse_caption
+
+        groups = {}
+        for image, text in images:
+            level = parse_caption(text).difficulty
+            groups.setdefault(grid.with_name(f"{grid.stem}-{level}{grid.suffix}"), []).append((image, text))
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    for path, group in groups.items():
+        # Spread the grid over the captions instead of showing the first few colours only.
+        count = min(size, len(group))
+        pick = [group[i * (len(group) - 1) // max(1, count - 1)] for i in range(count)]
+        caption_grid([image for image, _ in pick], [text for _, text in pick]).save(path)
+        typer.echo(f"wrote {path}")
 
 
 def _print_levels(levels: dict[str, dict[str, float]]) -> None:

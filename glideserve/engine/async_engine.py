@@ -23,6 +23,7 @@ from glideserve.errors import (EngineStoppedError, GlideServeError, InvalidReque
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent, GenerationResult, Loading, RequestFailed
 from glideserve.params import GenerationParams, resolve_lora
+from glideserve.runner.lora import available_adapters
 from glideserve.scheduler.profile import LatencyProfile
 from glideserve.scheduler.scheduler import SchedulerCounters
 
@@ -88,13 +89,14 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._owner: dict[str, ModelSlot] = {}
         self._finished_loads: list[tuple[ModelSlot, EngineCore | None, float, BaseException | None]] = []
-        self._retired = SchedulerCounters()  # counters of cores unloaded since start
+        self._retired = SchedulerCounters()  # counters of cores unloaded since start, and cold refusals
         self._listeners: list[Callable[[StepStats], None]] = []
         self._loop: Future | None = None
         self._accepting = True
         self._stop = False
         self._steps_total = 0
         self._last_step: StepStats | None = None
+        self._collect = False
 
     @classmethod
     def from_pretrained(cls, model: str, **options) -> "AsyncEngine":
@@ -145,6 +147,8 @@ class AsyncEngine:
                 self._unload(victim)
             log.info("model %s loaded in %.2f s (%.1f MiB of weights)", slot.name, slot.load_s,
                      slot.weights_bytes / 2**20)
+        gc.collect()
+        self._collect = False
 
     @property
     def core(self) -> EngineCore | None:
@@ -175,6 +179,9 @@ class AsyncEngine:
             for name, _ in resolve_lora(params.lora):
                 await asyncio.to_thread(store.get, name)
         with self._lock:
+            rid = request_id or params.request_id
+            if rid is not None and rid in self._streams:
+                raise InvalidRequestError(f"request id {rid!r} is already in use", "request_id")
             if slot.core is not None:
                 request = slot.core.add_request(params, request_id)
                 rid, resolved = request.request_id, request.params
@@ -202,6 +209,7 @@ class AsyncEngine:
         if resolved.slo_ms is not None and config.scheduler.policy != "fcfs":
             predicted = slot.cold_latency_s(resolved, now)
             if predicted > resolved.slo_ms / 1000 * (1 - config.scheduler.admission_margin):
+                self._retired.refused += 1
                 raise SLOUnattainableError(
                     f"the request cannot finish within its SLO: model {slot.name} must be loaded first "
                     f"(predicted latency {predicted:.2f} s); retry with a longer slo_ms",
@@ -237,24 +245,33 @@ class AsyncEngine:
             return [slot.describe() for slot in self.models.slots]
 
     def loras(self, model: str | None = None) -> list[dict]:
-        store = self._lora_store(model, required=False)
-        return [] if store is None else store.describe()
+        slot = self.models.get(model)
+        core = slot.core
+        if core is None:  # the files are there; what is resident went with the weights
+            directory = slot.config.lora_dir
+            return [] if directory is None else [{"name": name, "resident": False}
+                                                 for name in available_adapters(directory)]
+        return [] if core.runner.loras is None else core.runner.loras.describe()
 
     def add_lora(self, name: str, data: bytes, model: str | None = None) -> dict:
         return self._lora_store(model).add(name, data)
 
     def delete_lora(self, name: str, model: str | None = None) -> None:
         self._lora_store(model).delete(name)
+        for slot in self.models.loaded():  # the folder is shared: no model may keep serving it
+            core = slot.core
+            if core is not None and core.runner.loras is not None:
+                core.runner.loras.forget(name)
 
-    def _lora_store(self, model: str | None, required: bool = True):
+    def _lora_store(self, model: str | None):
         slot = self.models.get(model)
-        if slot.core is None:
-            raise InvalidRequestError(f"model {slot.name} is not loaded now, and adapters are read and checked "
-                                      "against its weights; generate with it first (it then loads)", "model")
-        store = slot.core.runner.loras
-        if store is None and required:
+        core = slot.core  # read once: the loop may unload the model meanwhile
+        if core is None:
+            raise InvalidRequestError(f"model {slot.name} is not loaded now, and an upload is checked against "
+                                      "its weights; generate with it first (it then loads)", "model")
+        if core.runner.loras is None:
             raise InvalidRequestError("this server serves no LoRA adapters (start it with --lora-dir DIR)", "lora")
-        return store
+        return core.runner.loras
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -289,10 +306,12 @@ class AsyncEngine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                events = self._install_loads()
-                self._start_loads()
+                events = self._install_loads() + self._start_loads()
                 slot = self.models.next_to_step()
-                busy = slot is not None or any(s.busy() for s in self.models.slots)
+                busy = slot is not None or any(self._needed(s) for s in self.models.slots)
+                collect, self._collect = self._collect, False
+            if collect:  # after an unload, outside the lock: module graphs hold reference cycles
+                gc.collect()
             self._dispatch(events)
             if slot is None:
                 if not busy and self._stop:
@@ -303,17 +322,23 @@ class AsyncEngine:
                 continue
             self._step(slot)
 
+    def _needed(self, slot: ModelSlot) -> bool:
+        """Whether the loop must keep running for ``slot``; once stopping, a load nobody waits for is not."""
+        if self._stop and slot.loading and not slot.pending:
+            return slot.core is not None and slot.core.has_unfinished()
+        return slot.busy()
+
     def _step(self, slot: ModelSlot) -> None:
         core = slot.core
         try:
             events = core.step(self._lock)
         except Exception as exc:  # a bug must not leave callers waiting forever
             log.exception("engine step of model %s failed; failing its in-flight requests", slot.name)
-            events = self._fail_all(slot, f"internal engine error: {exc}")
+            self._dispatch(self._fail_all(slot, f"internal engine error: {exc}"))
+            return
         with self._lock:
-            if core.last_step is not None:
-                self.models.charge(slot, core.last_step.duration_s)
-                self._last_step = core.last_step
+            self.models.charge(slot, core.last_step.duration_s)
+            self._last_step = core.last_step
             self._steps_total += 1
         self._dispatch(events)
         if core.last_step is not None:
@@ -323,19 +348,27 @@ class AsyncEngine:
                 except Exception:
                     log.exception("step listener failed")
 
-    def _start_loads(self) -> None:
+    def _start_loads(self) -> list[EngineEvent]:
         """Begin loading models that requests wait for, unloading idle ones to make room (lock held)."""
+        events: list[EngineEvent] = []
         for slot in self.models.to_load():
             victims = self.models.victims_for(slot)
             if victims is None:
                 continue  # every resident model is busy: wait for one to go idle
             for victim in victims:
                 self._unload(victim)
-            slot.loading, slot.load_started = True, time.monotonic()
+            self.models.begin_load(slot, time.monotonic())
             log.info("loading model %s for %d waiting request(s)", slot.name, len(slot.pending))
-            # A short-lived thread, so the resident models keep stepping; its OpenMP pool dies with it.
-            threading.Thread(target=self._load_in_background, args=(slot,), name=f"glideserve-load-{slot.name}",
-                             daemon=True).start()
+            try:
+                # A short-lived thread, so the resident models keep stepping; its OpenMP pool dies with it.
+                threading.Thread(target=self._load_in_background, args=(slot,),
+                                 name=f"glideserve-load-{slot.name}", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: fail the waiting requests, not the loop
+                self.models.load_failed(slot)
+                pending, slot.pending = slot.pending, []
+                events += [RequestFailed(p.request_id, "error", f"loading model {slot.name} failed: {exc}")
+                           for p in pending]
+        return events
 
     def _load_in_background(self, slot: ModelSlot) -> None:
         start = time.perf_counter()
@@ -354,7 +387,7 @@ class AsyncEngine:
         for slot, core, seconds, error in self._finished_loads:
             pending, slot.pending = slot.pending, []
             if error is not None:
-                slot.loading = False
+                self.models.load_failed(slot)
                 log.error("loading model %s failed: %s", slot.name, error)
                 events += [RequestFailed(p.request_id, "error", f"loading model {slot.name} failed: {error}")
                            for p in pending]
@@ -366,6 +399,9 @@ class AsyncEngine:
                     core.add_request(p.params, p.request_id, arrival_time=p.arrival)
                 except GlideServeError as exc:
                     events.append(RequestFailed(p.request_id, exc.code, exc.message, error=exc))
+                except Exception as exc:  # a bug fails this request, not the loop and every model with it
+                    log.exception("admitting %s after the load of %s failed", p.request_id, slot.name)
+                    events.append(RequestFailed(p.request_id, "error", f"internal engine error: {exc}"))
         self._finished_loads.clear()
         return events
 
@@ -374,7 +410,7 @@ class AsyncEngine:
         for name in ("refused", "dropped", "held_back", "preempted", "resumed"):
             setattr(self._retired, name, getattr(self._retired, name) + getattr(counters, name))
         self.models.unload(slot)
-        gc.collect()  # module graphs hold reference cycles: free the weights now, not at some later collection
+        self._collect = True  # the loop collects once the lock is released
         log.info("unloaded model %s (least recently used, idle) to stay within the weights budget", slot.name)
 
     def _fail_all(self, slot: ModelSlot, message: str) -> list[EngineEvent]:

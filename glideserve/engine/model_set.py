@@ -49,6 +49,8 @@ class ModelSource:
     def parse(cls, text: str) -> "ModelSource":
         """``[NAME=]NAME_OR_PATH``; without ``NAME=``, the bundled name or the folder's (file's) name."""
         name, sep, path = text.partition("=")
+        if sep and name.strip() and not set(name.strip()) <= MODEL_NAME_CHARS:
+            name, sep, path = "", "", text  # an '=' inside a path, not NAME=PATH
         if not sep:
             name, path = "", text
         name, path = name.strip(), path.strip()
@@ -171,6 +173,7 @@ class ModelSet:
         self.max_loaded = max_loaded
         self.weights = MemoryLedger(weights_budget_bytes if weights_budget_bytes is not None else 2**62)
         self.clock = clock
+        self.min_vruntime = 0.0  # the step time of the least served busy model, never decreasing
         self._by_name = {slot.name: slot for slot in self.slots}
 
     @property
@@ -202,6 +205,16 @@ class ModelSet:
         # A load is only started with room for it; a lone model larger than the budget is served anyway.
         if not self.weights.claim(slot.name, slot.weights_bytes):
             self.weights.claim_over_budget(slot.name, slot.weights_bytes)
+
+    def begin_load(self, slot: ModelSlot, now: float) -> None:
+        """Mark ``slot`` loading and claim its weights now, so concurrent loads cannot overrun the budget."""
+        slot.loading, slot.load_started = True, now
+        if not self.weights.claim(slot.name, slot.weights_bytes):
+            self.weights.claim_over_budget(slot.name, slot.weights_bytes)
+
+    def load_failed(self, slot: ModelSlot) -> None:
+        slot.loading = False
+        self.weights.release(slot.name)
 
     def unload(self, slot: ModelSlot) -> None:
         slot.core = None
@@ -247,19 +260,15 @@ class ModelSet:
     def next_to_step(self) -> ModelSlot | None:
         """The resident model that runs the next step, or None when none has work."""
         busy = [s for s in self.slots if s.core is not None and s.core.has_unfinished()]
-        if not busy:
-            for slot in self.slots:
-                slot.was_busy = False
-            return None
-        floor = min((s.vruntime for s in busy if s.was_busy), default=None)
-        for slot in busy:
-            if not slot.was_busy and floor is not None:
-                slot.vruntime = max(slot.vruntime, floor)  # no credit banked while idle
-            slot.was_busy = True
         for slot in self.slots:
-            if slot not in busy:
-                slot.was_busy = False
+            if slot in busy and not slot.was_busy:
+                # No credit banked while idle: a model coming back starts at the set's clock.
+                slot.vruntime = max(slot.vruntime, self.min_vruntime)
+            slot.was_busy = slot in busy
+        if not busy:
+            return None
         fair = min(busy, key=lambda s: s.vruntime)
+        self.min_vruntime = max(self.min_vruntime, fair.vruntime)
         if len(busy) == 1:
             return fair
         now = self.clock()
@@ -268,7 +277,8 @@ class ModelSet:
         slacks = [entry for entry in slacks if entry[0] is not None]
         if slacks:
             slack, _, urgent = min(slacks)
-            if urgent is not fair and slack < fair_step_s:
+            # Only a request that waiting would make late: one already late gains nothing by starving others.
+            if urgent is not fair and 0 <= slack < fair_step_s:
                 return urgent
         return fair
 

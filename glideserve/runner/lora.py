@@ -409,6 +409,18 @@ class LoraStore:
         return cards
 
     def available(self) -> list[str]:
-        names = {p.stem for p in self.directory.glob("*.safetensors")}
-        names |= {p.parent.name for p in self.directory.glob("*/pytorch_lora_weights.safetensors")}
-        return sorted(names)
+        return available_adapters(self.directory)
+
+    def forget(self, name: str) -> None:
+        """Drop a resident adapter (its file was removed through another model's store)."""
+        with self._lock:
+            if name in self._resident:
+                self._evict(name)
+
+
+def available_adapters(directory: str | Path) -> list[str]:
+    """Names of the adapters in a LoRA directory (files and ``save_lora_weights`` folders)."""
+    directory = Path(directory)
+    names = {p.stem for p in directory.glob("*.safetensors")}
+    names |= {p.parent.name for p in directory.glob("*/pytorch_lora_weights.safetensors")}
+    return sorted(names)

@@ -24,6 +24,7 @@ def caption_grid(images: list[Image.Image], captions: list[str], columns: int = 
         sheet.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (x, y))
         # Drop the fixed "a ... on a ... background" frame words to fit the cell.
         short = text.removeprefix("a ").replace(" on a ", " on ").removesuffix(" background")
+        short = short.replace("to the left of", "left of").replace("to the right of", "right of")
         for j, line in enumerate(textwrap.wrap(short, width=max(8, side // 6))[:label_lines]):
             draw.text((x, y + side + 2 + j * line_height), line, fill="black", font=font)
     return sheet
