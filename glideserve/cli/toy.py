@@ -31,6 +31,8 @@ def train_toy(
     vae_steps: Optional[int] = typer.Option(None, "--vae-steps", help="VAE training steps when not reusing one "
                                              "(default: the recipe's)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (steps count in total)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue from the weights (and VAE) of "
+                                             "this model folder with a fresh optimizer, e.g. a shipped model."),
     samples_per_caption: int = typer.Option(150, "--samples-per-caption",
                                             help="Images per caption in the fixed latent dataset."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="turbo: the glide-base folder to distill "
@@ -72,7 +74,7 @@ def train_toy(
         vae_steps = SCENES_VAE_STEPS if recipe.PRESETS[size].task == "scenes" else DEFAULT_VAE_STEPS
     try:
         folder = train_toy_model(size, target, steps=steps, minutes=minutes, seed=seed, vae_from=vae_from,
-                                 vae_steps=vae_steps, resume=resume,
+                                 vae_steps=vae_steps, resume=resume, init_from=init_from,
                                  samples_per_caption=samples_per_caption)
     except FileNotFoundError as exc:
         _fail(str(exc))

@@ -167,6 +167,7 @@ class TransformerTrainer:
 def load_vae_from(folder: Path):
     from diffusers import AutoencoderKL
 
+    folder = Path(folder)
     sub = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
     if not (sub / "config.json").is_file():
         raise FileNotFoundError(f"no AutoencoderKL in {folder}: pass a model folder (with vae/) or a VAE folder")
@@ -177,13 +178,16 @@ def train_toy_model(size: str, out: Path, *, steps: int | None = None, minutes: 
                     seed: int = 0, vae_from: Path | None = None, vae_steps: int = DEFAULT_VAE_STEPS,
                     samples_per_caption: int = SAMPLES_PER_CAPTION, resume: bool = False,
                     checkpoint_every_s: float = 300.0, progress: bool = True,
-                    latent_cache: Path | None = None, scene_samples: int = SCENE_SAMPLES) -> Path:
+                    latent_cache: Path | None = None, scene_samples: int = SCENE_SAMPLES,
+                    init_from: Path | None = None) -> Path:
     """Train one bundled-size model and write it to ``out`` in the diffusers SD3 layout.
 
     The VAE is trained first (``vae_steps``) unless ``vae_from`` names a folder with a trained
     one. Every checkpoint rewrites the model folder from the EMA weights, so an interrupted
     run still leaves a loadable model, and ``resume`` continues from ``out/trainer_state.pt``.
     ``latent_cache`` (a file) keeps the encoded image set between runs that share a VAE and seed.
+    ``init_from`` (a model folder of this size) continues training from its saved weights and VAE
+    with a fresh optimizer: what a run interrupted without its ``trainer_state.pt`` can restart from.
     """
     from glideserve.toy import vae as toy_vae
 
@@ -193,6 +197,8 @@ def train_toy_model(size: str, out: Path, *, steps: int | None = None, minutes: 
     if resume and not state_file.is_file():
         raise FileNotFoundError(f"nothing to resume: {state_file} does not exist; drop --resume to start fresh")
     out.mkdir(parents=True, exist_ok=True)
+    if init_from is not None and vae_from is None:
+        vae_from = init_from
     if vae_from is not None:
         vae = load_vae_from(Path(vae_from))
     elif resume:
@@ -217,6 +223,12 @@ def train_toy_model(size: str, out: Path, *, steps: int | None = None, minutes: 
             torch.save({"latents": data.latents, "caption_index": data.caption_index,
                         "captions": data.captions}, latent_cache)
     trainer = TransformerTrainer(p, data, seed)
+    if init_from is not None:
+        from diffusers import SD3Transformer2DModel
+
+        saved = SD3Transformer2DModel.from_pretrained(Path(init_from), subfolder="transformer").state_dict()
+        trainer.model.load_state_dict(saved)
+        trainer.ema.load_state_dict(saved)
     if resume:
         trainer.load_state_dict(torch.load(state_file, weights_only=False))
 

@@ -210,6 +210,6 @@ def test_bad_options_are_refused(cli, tiny_sd3_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     result = cli("--model", tiny_sd3_dir, "--prompts", str(prompts), "--toy-captions", "2")
-    assert result.exit_code == 2 and "not both" in result.output
+    assert result.exit_code == 2 and "give one of --prompts" in result.output
     result = cli("--model", tiny_sd3_dir, "--prompts", str(tmp_path / "missing.txt"))
     assert result.exit_code == 2 and "not found" in result.output
