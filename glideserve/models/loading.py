@@ -1,6 +1,6 @@
 """Resolve a model name or path and load it as a diffusers pipeline (components only).
 
-Accepted: a bundled model name (``glide-small``, ``glide-tiny``), a local diffusers
+Accepted: a bundled model name (``glide-small``, ``glide-tiny``, ``glide-base``), a local diffusers
 folder (``from_pretrained``), or a single checkpoint file (``from_single_file``).
 The pipeline object is only a container of components here: the engine drives the
 denoiser, scheduler and VAE itself and never calls ``Pipeline.__call__``.
@@ -20,7 +20,7 @@ from glideserve.errors import ModelLoadError
 from glideserve.models.spec import ModelSpec
 from glideserve.runner.families.registry import family_for_pipeline_class
 
-BUNDLED_MODELS = ("glide-small", "glide-tiny")
+BUNDLED_MODELS = ("glide-small", "glide-tiny", "glide-base")
 SERVING_DEFAULTS_FILE = "serving.json"
 log = logging.getLogger(__name__)
 
