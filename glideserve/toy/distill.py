@@ -21,14 +21,13 @@ It is served with ``guidance 1.0`` and 2 steps (``serving.json``).
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from glideserve.toy import recipe, scenes
-from glideserve.toy.train import EMA_DECAY, WARMUP_STEPS, flow_sigmas
+from glideserve.toy.train import EmaTrainer, flow_sigmas
 
 TURBO_STEPS = 2
 TEACHER_GUIDANCE = 4.0
@@ -52,24 +51,18 @@ def teacher_pairs(teacher, count: int, seed: int, steps: int, batch: int = 64, p
     return noise, torch.cat(outs), captions
 
 
-class ReflowTrainer:
-    """The student (initialised from the teacher), its EMA, and the fixed pairs; checkpointable."""
+class ReflowTrainer(EmaTrainer):
+    """The student (initialised from the teacher) on the fixed (noise, teacher latent) pairs."""
 
     def __init__(self, student, noise: torch.Tensor, latents: torch.Tensor, embeds: torch.Tensor,
                  pooled: torch.Tensor, caption_index: torch.Tensor, lr: float = 2e-4, batch_size: int = 64,
                  seed: int = 0):
-        self.model = student.train().requires_grad_(True)
-        self.ema = copy.deepcopy(student).eval().requires_grad_(False)
+        super().__init__(student, "glide-turbo reflow", lr, 0.0, seed)
         self.noise, self.latents, self.embeds, self.pooled = noise, latents, embeds, pooled
         self.caption_index = caption_index
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
-        self.lr, self.batch_size = lr, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.step = 0
+        self.batch_size = batch_size
 
-    def train_step(self) -> float:
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr * min(1.0, (self.step + 1) / WARMUP_STEPS)
+    def loss(self) -> torch.Tensor:
         batch = torch.randint(0, len(self.latents), (self.batch_size,), generator=self.generator)
         x0, z = self.latents[batch], self.noise[batch]
         sigma = flow_sigmas(torch.rand(len(batch), generator=self.generator))
@@ -77,28 +70,7 @@ class ReflowTrainer:
         cond = self.caption_index[batch]
         pred = self.model(hidden_states=(1 - s) * x0 + s * z, encoder_hidden_states=self.embeds[cond],
                           pooled_projections=self.pooled[cond], timestep=sigma * 1000.0).sample
-        loss = torch.nn.functional.mse_loss(pred, z - x0)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        decay = min(EMA_DECAY, (1.0 + self.step) / (10.0 + self.step))
-        with torch.no_grad():
-            for ema_param, param in zip(self.ema.parameters(), self.model.parameters()):
-                ema_param.lerp_(param, 1.0 - decay)
-        self.step += 1
-        return loss.item()
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "generator": self.generator.get_state(), "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
-        self.generator.set_state(state["generator"])
-        self.step = state["step"]
+        return torch.nn.functional.mse_loss(pred, z - x0)
 
 
 def distill_turbo(teacher_folder: Path, out: Path, *, steps: int | None, minutes: float | None, pairs: int,
@@ -135,25 +107,12 @@ def distill_turbo(teacher_folder: Path, out: Path, *, steps: int | None, minutes
         trainer.load_state_dict(torch.load(state_file, weights_only=False))
     p = recipe.preset("turbo")
 
-    def checkpoint() -> None:
-        pipe = recipe.assemble_pipeline(trainer.ema, teacher.vae, {k: getattr(teacher, k) for k in (
+    def checkpoint(t: ReflowTrainer) -> None:
+        pipe = recipe.assemble_pipeline(t.ema, teacher.vae, {k: getattr(teacher, k) for k in (
             "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")})
         recipe.save_model(pipe, p, out)
-        torch.save(trainer.state_dict(), state_file)
+        torch.save(t.state_dict(), state_file)
 
-    deadline = None if minutes is None else time.monotonic() + 60 * minutes
-    bar = tqdm(total=steps, initial=trainer.step, desc="glide-turbo reflow", disable=not progress, unit="step")
-    last = time.monotonic()
-    running = None
-    while (steps is not None and trainer.step < steps) or (deadline is not None and time.monotonic() < deadline):
-        loss = trainer.train_step()
-        running = loss if running is None else 0.98 * running + 0.02 * loss
-        bar.update(1)
-        if trainer.step % 25 == 0:
-            bar.set_postfix(loss=f"{running:.4f}")
-        if time.monotonic() - last > checkpoint_every_s:
-            checkpoint()
-            last = time.monotonic()
-    bar.close()
-    checkpoint()
+    trainer.run(steps=steps, minutes=minutes, progress=progress, checkpoint=checkpoint,
+                checkpoint_every_s=checkpoint_every_s)
     return out

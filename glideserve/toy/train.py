@@ -99,24 +99,30 @@ def flow_loss(transformer, data: LatentDataset, batch: torch.Tensor, generator: 
     return torch.nn.functional.mse_loss(pred, noise - x0)
 
 
-class TransformerTrainer:
-    """Owns the transformer, its EMA copy, the optimizer and the data order; checkpointable."""
+class EmaTrainer:
+    """A model, its EMA copy (what gets saved), AdamW, a seeded generator and a step count; checkpointable.
 
-    def __init__(self, p: recipe.ToyPreset, data: LatentDataset, seed: int = 0):
-        self.preset = p
-        self.data = data
-        self.model = recipe.build_transformer(p, seed)
-        self.model.train()
+    Subclasses give ``loss()`` for one batch they draw with ``generator``. ``train_step`` warms the
+    learning rate up over ``WARMUP_STEPS`` (then keeps it constant, so a run cut by minutes and a run of
+    the same steps are the same run), clips gradients at 1 and updates the EMA.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str, lr: float, weight_decay: float, seed: int = 0):
+        self.name = name
+        self.model = model.train().requires_grad_(True)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=0.01)
+        self.lr = lr
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
 
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
     def train_step(self) -> float:
         for group in self.opt.param_groups:
-            group["lr"] = self.preset.lr * min(1.0, (self.step + 1) / WARMUP_STEPS)
-        batch = torch.randint(0, len(self.data.latents), (self.preset.batch_size,), generator=self.generator)
-        loss = flow_loss(self.model, self.data, batch, self.generator)
+            group["lr"] = self.lr * min(1.0, (self.step + 1) / WARMUP_STEPS)
+        loss = self.loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -140,14 +146,13 @@ class TransformerTrainer:
         self.step = state["step"]
 
     def run(self, *, steps: int | None, minutes: float | None, progress: bool = True,
-            checkpoint: Callable[["TransformerTrainer"], None] | None = None,
+            checkpoint: Callable[["EmaTrainer"], None] | None = None,
             checkpoint_every_s: float = 300.0) -> None:
         """Train until ``steps`` total steps or for ``minutes`` more minutes (exactly one is given)."""
         if (steps is None) == (minutes is None):
             raise ValueError("give exactly one of steps or minutes")
         deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
-        bar = tqdm(total=steps, initial=self.step, desc=f"{self.preset.name} transformer",
-                   disable=not progress, unit="step")
+        bar = tqdm(total=steps, initial=self.step, desc=self.name, disable=not progress, unit="step")
         last_checkpoint = time.monotonic()
         running = None
         while (steps is not None and self.step < steps) or (deadline is not None and time.monotonic() < deadline):
@@ -162,6 +167,19 @@ class TransformerTrainer:
         bar.close()
         if checkpoint is not None:
             checkpoint(self)
+
+
+class TransformerTrainer(EmaTrainer):
+    """A toy model's transformer trained from scratch on a latent dataset (``flow_loss``)."""
+
+    def __init__(self, p: recipe.ToyPreset, data: LatentDataset, seed: int = 0):
+        super().__init__(recipe.build_transformer(p, seed), f"{p.name} transformer", p.lr, 0.01, seed)
+        self.preset = p
+        self.data = data
+
+    def loss(self) -> torch.Tensor:
+        batch = torch.randint(0, len(self.data.latents), (self.preset.batch_size,), generator=self.generator)
+        return flow_loss(self.model, self.data, batch, self.generator)
 
 
 def load_vae_from(folder: Path):

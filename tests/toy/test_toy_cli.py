@@ -71,3 +71,17 @@ def test_eval_quality_scores_scene_captions_per_level(tmp_path):
         row = engine["levels"][level]
         assert 0 <= row["all"] <= 1 and row["toy_clip_score"] >= 0 and row["toy_fid"] >= 0
     assert "toy CLIP score" in result.output
+
+
+def test_train_toy_turbo_distills_a_loadable_two_step_model_and_resumes(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "turbo"
+    args = ["train-toy", "--size", "turbo", "--pairs", "4", "--out", str(out), "--threads", "1"]
+    result = runner.invoke(app, [*args, "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "serving.json").read_text())["default_steps"] == 2
+    resumed = runner.invoke(app, [*args, "--steps", "3", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    assert pipe.transformer.config.num_layers == 8
