@@ -11,18 +11,15 @@ from glideserve.toy import dataset, judge
 
 
 @dataclass
-class AdherenceReport:
-    """Accuracy per field and for all three, over ``num_images`` generated images."""
+class EvaluationRun:
+    """What every evaluation reports about its run: the model, its settings, the images and the time."""
 
     model: str
     steps: int
     guidance: float | None
     seeds: int
     num_images: int
-    accuracy: dict[str, float]
     seconds: float
-    failures: list[dict] = field(default_factory=list)  # the captions the judge disagreed with
-    images: list = field(default_factory=list)  # (PIL image, caption) pairs when kept
 
     @property
     def seconds_per_image(self) -> float:
@@ -30,8 +27,20 @@ class AdherenceReport:
 
     def as_dict(self) -> dict:
         return {"model": self.model, "steps": self.steps, "guidance": self.guidance, "seeds": self.seeds,
-                "num_images": self.num_images, "accuracy": self.accuracy, "seconds": round(self.seconds, 3),
-                "seconds_per_image": round(self.seconds_per_image, 4), "failures": self.failures}
+                "num_images": self.num_images, "seconds": round(self.seconds, 3),
+                "seconds_per_image": round(self.seconds_per_image, 4)}
+
+
+@dataclass
+class AdherenceReport(EvaluationRun):
+    """Accuracy per field and for all three, over ``num_images`` generated images."""
+
+    accuracy: dict[str, float] = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)  # the captions the judge disagreed with
+    images: list = field(default_factory=list)  # (PIL image, caption) pairs when kept
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "accuracy": self.accuracy, "failures": self.failures}
 
 
 def evaluation_cases(seeds: int, combinations: list[tuple[str, str, str]] | None = None) -> list[tuple[tuple[str, str, str], int]]:
@@ -69,7 +78,8 @@ def evaluate_engine(model: str, *, steps: int, seeds: int, guidance: float | Non
     accuracy, failures = score_images(images, [combo for combo, _ in cases])
     used_guidance = results[0].params.guidance_scale if results else guidance
     kept = [(r.image, dataset.caption(*combo)) for r, (combo, _) in zip(results, cases)] if keep_images else []
-    return AdherenceReport(model, steps, used_guidance, seeds, len(images), accuracy, seconds, failures, kept)
+    return AdherenceReport(model, steps, used_guidance, seeds, len(images), seconds, accuracy=accuracy,
+                           failures=failures, images=kept)
 
 
 # -- the compositional task ---------------------------------------------------------------
@@ -106,26 +116,14 @@ def score_scene_images(images: list[np.ndarray], captions: list[str], toy_clip=N
 
 
 @dataclass
-class SceneReport:
+class SceneReport(EvaluationRun):
     """Judge, toy CLIP score and toy FID per difficulty level for one model and step count."""
 
-    model: str
-    steps: int
-    guidance: float | None
-    seeds: int
-    num_images: int
-    levels: dict[str, dict[str, float]]
-    seconds: float
+    levels: dict[str, dict[str, float]] = field(default_factory=dict)
     images: list = field(default_factory=list)  # (PIL image, caption) pairs when kept
 
-    @property
-    def seconds_per_image(self) -> float:
-        return self.seconds / max(1, self.num_images)
-
     def as_dict(self) -> dict:
-        return {"model": self.model, "steps": self.steps, "guidance": self.guidance, "seeds": self.seeds,
-                "num_images": self.num_images, "levels": self.levels, "seconds": round(self.seconds, 3),
-                "seconds_per_image": round(self.seconds_per_image, 4)}
+        return {**super().as_dict(), "levels": self.levels}
 
 
 def evaluate_scenes(model: str, *, steps: int | None, seeds: int, per_level: int, guidance: float | None = None,
@@ -146,5 +144,5 @@ def evaluate_scenes(model: str, *, steps: int | None, seeds: int, per_level: int
     levels = score_scene_images(images, captions, toy_clip)
     first = results[0].params
     kept = [(r.image, c) for r, c in zip(results, captions)] if keep_images else []
-    return SceneReport(model, first.num_inference_steps, first.guidance_scale, seeds, len(images), levels, seconds,
-                       kept)
+    return SceneReport(model, first.num_inference_steps, first.guidance_scale, seeds, len(images), seconds,
+                       levels=levels, images=kept)
