@@ -206,7 +206,7 @@ class AsyncEngine:
             raise QueueFullError(f"the queue is full ({config.scheduler.max_waiting} requests wait for model "
                                  f"{slot.name} to load); retry shortly")
         now = time.monotonic()
-        if resolved.slo_ms is not None and config.scheduler.policy != "fcfs":
+        if resolved.slo_ms is not None and slot.deadline_aware:
             predicted = slot.cold_latency_s(resolved, now)
             if predicted > resolved.slo_ms / 1000 * (1 - config.scheduler.admission_margin):
                 self._retired.refused += 1

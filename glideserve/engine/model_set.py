@@ -88,6 +88,7 @@ class ModelSlot:
     spec: ModelSpec | None = None
     config: "EngineConfig | None" = None
     samplers: object = None  # the model's SamplerFactory (no weights): iteration counts while unloaded
+    deadline_aware: bool = False  # whether its scheduling policy refuses requests that would be late
     profile: LatencyProfile | None = None
     weights_bytes: int = 0
     load_s: float = 0.0
@@ -134,6 +135,7 @@ class ModelSlot:
     def record_load(self, core: "EngineCore", seconds: float, now: float) -> None:
         self.core, self.spec, self.profile = core, core.spec, core.scheduler.profile
         self.config, self.samplers = core.config, core.runner.samplers
+        self.deadline_aware = core.scheduler.policy.deadline_aware
         self.weights_bytes = core.weights_bytes
         self.load_s = seconds if self.loads == 0 else (1 - LOAD_TIME_ALPHA) * self.load_s + LOAD_TIME_ALPHA * seconds
         self.loads += 1

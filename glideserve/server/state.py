@@ -161,8 +161,7 @@ class ServerState:
 
     def model_cards(self) -> list[dict]:
         """The backend's models; a one-model server's card carries its configured ``model_id``."""
-        cards = self.backend.model_cards() if hasattr(self.backend, "model_cards") else \
-            [{"name": self.backend.spec.name, "loaded": True}]
+        cards = self.backend.model_cards()
         if len(cards) == 1:
             cards = [{**cards[0], "name": self.model_id}]
         return cards

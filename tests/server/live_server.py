@@ -19,6 +19,19 @@ STARTUP_TIMEOUT_S = 120.0
 URL_LINE = re.compile(r"at (http://\S+)")
 
 
+def response_image(response: httpx.Response):
+    """The first image of a JSON generation response as an int array (failing with the body otherwise)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    assert response.status_code == 200, response.text
+    png = base64.b64decode(response.json()["data"][0]["b64_json"])
+    return np.array(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -125,6 +125,9 @@ class SchedulingBackend:
     def add_step_listener(self, fn) -> None:
         pass
 
+    def model_cards(self) -> list[dict]:
+        return [{"name": self.spec.name, "loaded": True, "family": self.spec.family}]
+
     async def shutdown(self, drain: bool = True) -> None:
         self._stopping = True
         self._go.set()

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from live_server import LiveServer
-from PIL import Image
+from live_server import LiveServer, response_image as _image
 
 from glideserve import Engine, GenerationParams
 from glideserve.server import ServerConfig
@@ -52,12 +49,6 @@ def _body(lora, seed=3):
     if lora is not None:
         body["lora"] = lora
     return body
-
-
-def _image(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    png = base64.b64decode(response.json()["data"][0]["b64_json"])
-    return np.array(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
 
 
 def test_concurrent_requests_with_different_adapters_each_get_their_own_image(lora_server, tiny_model, lora_dir):

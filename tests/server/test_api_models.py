@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from live_server import LiveServer
+from live_server import LiveServer, response_image as _image
 from PIL import Image
 
 from glideserve.server import ServerConfig
@@ -48,12 +48,6 @@ def _body(model: str | None, seed: int, **extra) -> dict:
     if model is not None:
         body["model"] = model
     return body
-
-
-def _image(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    png = base64.b64decode(response.json()["data"][0]["b64_json"])
-    return np.array(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
 
 
 def _post_all(api: str, bodies: list[dict]) -> list[httpx.Response]:
