@@ -159,6 +159,13 @@ def serving_defaults(p: ToyPreset) -> dict:
 def save_model(pipe, p: ToyPreset, out: Path) -> None:
     """Write the standard diffusers SD3 folder (safetensors only) plus ``serving.json``."""
     out.mkdir(parents=True, exist_ok=True)
+    for name, component in pipe.components.items():
+        # A component loaded from a folder (a reused VAE, a teacher's text encoders) remembers that folder's
+        # path: keep the build machine's paths out of the shipped configs.
+        if hasattr(component, "register_to_config"):  # diffusers
+            component.register_to_config(_name_or_path=name)
+        elif hasattr(getattr(component, "config", None), "_name_or_path"):  # transformers
+            component.config._name_or_path = name
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "serving.json").write_text(json.dumps(serving_defaults(p), indent=2) + "\n")
 

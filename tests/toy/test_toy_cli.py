@@ -22,6 +22,8 @@ def test_train_toy_writes_a_loadable_sd3_folder(tmp_path):
     resumed = runner.invoke(app, ["train-toy", "--size", "tiny", "--steps", "3", "--out", str(out), "--threads", "1",
                                   "--resume", "--samples-per-caption", "1"])
     assert resumed.exit_code == 0, resumed.output
+    for config in out.rglob("config.json"):  # the reused VAE's source folder is not written into the model
+        assert str(tmp_path) not in config.read_text() and "glide-tiny" not in config.read_text(), config
 
 
 def test_train_toy_rejects_bad_options(tmp_path):
@@ -85,3 +87,5 @@ def test_train_toy_turbo_distills_a_loadable_two_step_model_and_resumes(tmp_path
     assert resumed.exit_code == 0, resumed.output
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
     assert pipe.transformer.config.num_layers == 8
+    for config in out.rglob("config.json"):  # the teacher's folder is not written into the student
+        assert "glide-base" not in config.read_text(), config
