@@ -34,7 +34,9 @@ def train_toy(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue from the weights (and VAE) of "
                                              "this model folder with a fresh optimizer, e.g. a shipped model."),
     samples_per_caption: int = typer.Option(150, "--samples-per-caption",
-                                            help="Images per caption in the fixed latent dataset."),
+                                            help="shapes: images per caption in the fixed latent dataset."),
+    scene_samples: int = typer.Option(40_000, "--scene-samples",
+                                      help="scenes: images in the fixed latent dataset (all difficulty levels)."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="turbo: the glide-base folder to distill "
                                            "(default: the bundled glide-base)."),
     pairs: int = typer.Option(4096, "--pairs", help="turbo: teacher samples (noise, image) to reflow on."),
@@ -50,9 +52,9 @@ def train_toy(
         _fail(f"--size must be one of {', '.join(recipe.PRESETS)}, got {size!r}")
     if minutes is not None and steps is not None:
         _fail("give --minutes or --steps, not both")
-    counts = (minutes, steps, threads, vae_steps, samples_per_caption)
+    counts = (minutes, steps, threads, vae_steps, samples_per_caption, scene_samples)
     if any(value is not None and value <= 0 for value in counts):
-        _fail("--minutes, --steps, --threads, --vae-steps and --samples-per-caption must be positive")
+        _fail("--minutes, --steps, --threads, --vae-steps, --samples-per-caption and --scene-samples must be positive")
     if minutes is None and steps is None:
         if size not in DEFAULT_TRAIN_STEPS:
             _fail(f"--size {size} has no recorded step count yet; give --steps or --minutes")
@@ -75,7 +77,7 @@ def train_toy(
     try:
         folder = train_toy_model(size, target, steps=steps, minutes=minutes, seed=seed, vae_from=vae_from,
                                  vae_steps=vae_steps, resume=resume, init_from=init_from,
-                                 samples_per_caption=samples_per_caption)
+                                 samples_per_caption=samples_per_caption, scene_samples=scene_samples)
     except FileNotFoundError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {folder} (load it with `glideserve generate --model {folder}`)")
@@ -100,7 +102,7 @@ def eval_judge(
     grid_size: int = typer.Option(24, "--grid-size", help="How many images the grid shows."),
 ) -> None:
     """Prompt adherence of a toy model: generate the task's captions and judge each image."""
-    from glideserve.toy.evaluate import evaluate_engine, evaluate_scenes
+    from glideserve.toy.evaluate import evaluate_engine, evaluate_scenes, model_footprint
 
     from glideserve.toy import dataset
 
@@ -125,6 +127,9 @@ def eval_judge(
     except GlideServeError as exc:
         _fail(exc.message)
     typer.echo(f"{report.model}: {report.num_images} images, {report.steps} steps, guidance {report.guidance:g}")
+    footprint = model_footprint(model)
+    typer.echo(f"  {footprint['parameters'] / 1e6:.2f} M parameters ({footprint['transformer_parameters'] / 1e6:.2f} M "
+               f"in the transformer), {footprint['disk_bytes'] / 2**20:.1f} MiB on disk")
     if task == "scenes":
         _print_levels(report.levels)
     else:
@@ -136,7 +141,29 @@ def eval_judge(
         _save_grids(grid, report.images, grid_size, by_level=task == "scenes")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        json_out.write_text(json.dumps({**report.as_dict(), **footprint}, indent=2) + "\n")
+
+
+def eval_vae(
+    model: str = typer.Option("glide-base", "--model", help="Bundled model name or model folder."),
+    per_level: int = typer.Option(100, "--per-level", min=1, help="Fresh dataset scenes per difficulty level."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+) -> None:
+    """The judge on the model's autoencoder round trips (encode, decode) of dataset scenes, per level:
+    the most any transformer decoding through it can score."""
+    from glideserve.toy.evaluate import evaluate_autoencoder
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        report = evaluate_autoencoder(model, per_level)
+    except (FileNotFoundError, GlideServeError) as exc:
+        _fail(getattr(exc, "message", str(exc)))
+    typer.echo(f"{report.model} autoencoder: {per_level} scenes per level, mean error "
+               f"{report.mean_abs_error:.2f}/255")
+    _print_levels(report.levels)
 
 
 def _save_grids(grid: Path, images: list, size: int, by_level: bool) -> None:
@@ -196,3 +223,4 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
     app.command("train-toy")(train_toy)
     app.command("train-toy-clip")(train_toy_clip)
     eval_app.command("judge")(eval_judge)
+    eval_app.command("vae")(eval_vae)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from glideserve.toy import dataset, judge
 
@@ -146,3 +147,55 @@ def evaluate_scenes(model: str, *, steps: int | None, seeds: int, per_level: int
     kept = [(r.image, c) for r, c in zip(results, captions)] if keep_images else []
     return SceneReport(model, first.num_inference_steps, first.guidance_scale, seeds, len(images), seconds,
                        levels=levels, images=kept)
+
+
+def model_footprint(model: str) -> dict[str, int]:
+    """Parameters (all components, and the transformer's) and bytes on disk of a model folder's weights."""
+    from safetensors import safe_open
+
+    from glideserve.models.loading import resolve_model_path
+
+    folder = resolve_model_path(model)
+    out = {"parameters": 0, "transformer_parameters": 0, "disk_bytes": 0}
+    for file in folder.rglob("*.safetensors"):
+        with safe_open(str(file), "pt") as weights:
+            count = sum(int(np.prod(weights.get_slice(k).get_shape())) for k in weights.keys())
+        out["parameters"] += count
+        out["transformer_parameters"] += count if file.parent.name == "transformer" else 0
+    out["disk_bytes"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return out
+
+
+@dataclass
+class AutoencoderReport:
+    """The judge on a model's own VAE round trips (encode, then decode) of dataset scenes, per level:
+    the ceiling of any transformer that decodes through that VAE."""
+
+    model: str
+    levels: dict[str, dict[str, float]]
+    mean_abs_error: float  # 0..255 scale, over every image
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "levels": self.levels, "mean_abs_error": round(self.mean_abs_error, 3)}
+
+
+@torch.no_grad()
+def evaluate_autoencoder(model: str, per_level: int, seed: int = 12345) -> AutoencoderReport:
+    """Round-trip ``per_level`` fresh scenes of each difficulty through the model's VAE and judge them."""
+    from glideserve.models.loading import resolve_model_path
+    from glideserve.toy import scene_judge, scenes
+    from glideserve.toy.train import load_vae_from
+
+    if per_level < 1:
+        raise ValueError(f"need at least one scene per level, got {per_level}")
+    vae = load_vae_from(resolve_model_path(model))
+    drawn = [s for i, level in enumerate(scenes.DIFFICULTIES)
+             for s in scenes.sample_scenes(per_level, seed + i, mix={level: 1.0})]
+    originals = np.stack([scenes.render_scene(s) for s in drawn])
+    images = dataset.to_model_range(originals)
+    recon = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample for chunk in images.split(64)])
+    pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    captions = [s.caption for s in drawn]
+    levels = scene_judge.summarize(captions, [scene_judge.score(p, c) for p, c in zip(pixels, captions)])
+    error = float(np.abs(pixels.astype(np.float32) - originals.astype(np.float32)).mean())
+    return AutoencoderReport(model, levels, error)

@@ -1,9 +1,12 @@
 """Architecture of the bundled toy models and how their diffusers folder is assembled.
 
-Both sizes share the text encoders, tokenizers and the trained autoencoder; they differ
-only in the SD3 transformer. The text encoders stay randomly initialised and frozen:
-they are fixed deterministic functions of the caption and the transformer learns to
-read their outputs. Text sequences are kept short (CLIP is padded to its tokenizer's
+The one-shape models (small, tiny) share the text encoders, tokenizers and the trained
+autoencoder; they differ only in the SD3 transformer. Their text encoders stay randomly
+initialised and frozen: fixed deterministic functions of the caption that the transformer
+learns to read. glide-base starts from the same random encoders and trains them with its
+transformer (``text_lr_scale``): frozen, they do not say which colour belongs to which
+shape of a two-object caption (see ``glideserve.toy.train.JointTextTrainer``); glide-turbo
+keeps glide-base's. Text sequences are kept short (CLIP is padded to its tokenizer's
 ``model_max_length``, T5 to ``max_sequence_length`` from ``serving.json``) because
 every text token also runs through the joint transformer blocks.
 """
@@ -33,6 +36,8 @@ SCENES_TEXT_DIMS = dataclasses.replace(TEXT_DIMS, t5_max_length=SCENES_T5_MAX_LE
                                        extra_words=scenes.CAPTION_WORDS)
 TEXT_SEED = 1234
 TASKS = ("shapes", "scenes")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class ToyPreset:
     patch_size: int = 2
     task: str = "shapes"  # what it is trained on: the one-shape task or the compositional scenes
     default_steps: int = DEFAULT_STEPS
+    text_lr_scale: float = 0.0  # > 0: the text encoders train too, at this times ``lr``
 
     @property
     def t5_max_length(self) -> int:
@@ -59,7 +65,7 @@ PRESETS: dict[str, ToyPreset] = {
     "small": ToyPreset("glide-small", layers=6, heads=4, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0),
     "tiny": ToyPreset("glide-tiny", layers=3, heads=2, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0),
     "base": ToyPreset("glide-base", layers=8, heads=4, head_dim=32, batch_size=64, lr=1e-3, default_guidance=4.0,
-                      task="scenes"),
+                      task="scenes", text_lr_scale=0.3),
     # Distilled from glide-base (glideserve.toy.distill): its architecture, 2 unguided steps.
     "turbo": ToyPreset("glide-turbo", layers=8, heads=4, head_dim=32, batch_size=64, lr=2e-4, default_guidance=1.0,
                        task="scenes", default_steps=2),
@@ -137,18 +143,29 @@ def assemble_pipeline(transformer, vae, text: dict):
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT), **text)
 
 
-@torch.no_grad()
-def encode_captions(pipe, captions: list[str], max_sequence_length: int = T5_MAX_LENGTH
+def encode_captions(pipe, captions: list[str], max_sequence_length: int = T5_MAX_LENGTH, grad: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt embeddings and pooled embeddings exactly as the SD3 pipeline computes them at serving time."""
+    """Prompt embeddings and pooled embeddings exactly as the SD3 pipeline computes them at serving time
+    (``grad``: with gradients to the text encoders, for training them)."""
     embeds, pooled = [], []
-    for start in range(0, len(captions), 64):
-        chunk = captions[start:start + 64]
-        e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
-                                        do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-        embeds.append(e)
-        pooled.append(p)
+    with torch.set_grad_enabled(grad):
+        for start in range(0, len(captions), 64):
+            chunk = captions[start:start + 64]
+            e, _, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
+                                            do_classifier_free_guidance=False,
+                                            max_sequence_length=max_sequence_length)
+            embeds.append(e)
+            pooled.append(p)
     return torch.cat(embeds), torch.cat(pooled)
+
+
+def load_text_encoders(folder: Path) -> dict:
+    """The (possibly trained) text encoders of a saved toy model folder, frozen."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    classes = {"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+               "text_encoder_3": T5EncoderModel}
+    return {k: cls.from_pretrained(folder / k).requires_grad_(False).eval() for k, cls in classes.items()}
 
 
 def serving_defaults(p: ToyPreset) -> dict:

@@ -86,16 +86,24 @@ def flow_sigmas(u: torch.Tensor, shift: float = recipe.SCHEDULER_SHIFT) -> torch
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
-def flow_loss(transformer, data: LatentDataset, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    x0 = data.latents[batch]
+def draw_batch(data: LatentDataset, batch_size: int, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of a random batch and their caption rows, ``CAPTION_DROPOUT`` of them the empty prompt."""
+    batch = torch.randint(0, len(data.latents), (batch_size,), generator=generator)
     cond = data.caption_index[batch].clone()
-    cond[torch.rand(len(batch), generator=generator) < CAPTION_DROPOUT] = data.empty_index
-    sigma = flow_sigmas(torch.rand(len(batch), generator=generator))
+    cond[torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT] = data.empty_index
+    return data.latents[batch], cond
+
+
+def flow_loss(transformer, x0: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+              generator: torch.Generator) -> torch.Tensor:
+    """The rectified-flow loss of ``x0`` conditioned on ``embeds`` / ``pooled``, at sigmas the sampler visits."""
+    sigma = flow_sigmas(torch.rand(len(x0), generator=generator))
     noise = torch.randn(x0.shape, generator=generator)
     s = sigma.view(-1, 1, 1, 1)
     noisy = (1.0 - s) * x0 + s * noise
-    pred = transformer(hidden_states=noisy, encoder_hidden_states=data.embeds[cond],
-                       pooled_projections=data.pooled[cond], timestep=sigma * 1000.0).sample
+    pred = transformer(hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
+                       timestep=sigma * 1000.0).sample
     return torch.nn.functional.mse_loss(pred, noise - x0)
 
 
@@ -107,12 +115,15 @@ class EmaTrainer:
     the same steps are the same run), clips gradients at 1 and updates the EMA.
     """
 
-    def __init__(self, model: torch.nn.Module, name: str, lr: float, weight_decay: float, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, name: str, lr: float, weight_decay: float, seed: int = 0,
+                 param_groups: list[dict] | None = None):
         self.name = name
         self.model = model.train().requires_grad_(True)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.lr = lr
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        groups = param_groups or [{"params": list(self.model.parameters()), "lr": lr}]
+        for group in groups:
+            group["base_lr"] = group.get("lr", lr)
+        self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
 
@@ -121,7 +132,7 @@ class EmaTrainer:
 
     def train_step(self) -> float:
         for group in self.opt.param_groups:
-            group["lr"] = self.lr * min(1.0, (self.step + 1) / WARMUP_STEPS)
+            group["lr"] = group["base_lr"] * min(1.0, (self.step + 1) / WARMUP_STEPS)
         loss = self.loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,14 +183,61 @@ class EmaTrainer:
 class TransformerTrainer(EmaTrainer):
     """A toy model's transformer trained from scratch on a latent dataset (``flow_loss``)."""
 
-    def __init__(self, p: recipe.ToyPreset, data: LatentDataset, seed: int = 0):
-        super().__init__(recipe.build_transformer(p, seed), f"{p.name} transformer", p.lr, 0.01, seed)
+    def __init__(self, p: recipe.ToyPreset, data: LatentDataset, seed: int = 0, transformer=None):
+        super().__init__(transformer if transformer is not None else recipe.build_transformer(p, seed),
+                         f"{p.name} transformer", p.lr, 0.01, seed)
         self.preset = p
         self.data = data
 
     def loss(self) -> torch.Tensor:
-        batch = torch.randint(0, len(self.data.latents), (self.preset.batch_size,), generator=self.generator)
-        return flow_loss(self.model, self.data, batch, self.generator)
+        x0, cond = draw_batch(self.data, self.preset.batch_size, self.generator)
+        return flow_loss(self.model, x0, self.data.embeds[cond], self.data.pooled[cond], self.generator)
+
+    def pipeline(self, vae, text: dict):
+        """The EMA weights as a pipeline (what a checkpoint saves)."""
+        return recipe.assemble_pipeline(self.ema, vae, text)
+
+
+class JointTextTrainer(EmaTrainer):
+    """The transformer and the three text encoders trained together (``ToyPreset.text_lr_scale`` > 0).
+
+    Frozen random encoders hand the transformer an unordered bag of nearly untouched word
+    vectors (SD3 gives text tokens no positions of its own), so which colour goes with which
+    shape, and which object comes first, is barely in them. Trained, T5's relative-position
+    attention can write each adjective into its noun. Prompts are encoded every step with the
+    pipeline's own ``encode_prompt`` (gradients on), so training and serving read captions alike.
+    The encoders run in eval mode (no dropout) while their weights learn, at ``text_lr_scale``
+    times the transformer's learning rate.
+    """
+
+    def __init__(self, p: recipe.ToyPreset, data: LatentDataset, transformer, vae, text: dict, seed: int = 0):
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        modules = {"transformer": transformer, **{k: text[k] for k in recipe.TEXT_ENCODERS}}
+        model = torch.nn.ModuleDict(modules)
+        groups = [{"params": list(transformer.parameters()), "lr": p.lr},
+                  {"params": [q for k in recipe.TEXT_ENCODERS for q in modules[k].parameters()],
+                   "lr": p.lr * p.text_lr_scale}]
+        super().__init__(model, f"{p.name} transformer + text encoders", p.lr, 0.01, seed, param_groups=groups)
+        for key in recipe.TEXT_ENCODERS:
+            self.model[key].eval()
+        self.preset = p
+        self.data = data
+        self.tokenizers = {k: text[k] for k in recipe.TOKENIZERS}
+        # Only encode_prompt is used: it reads the live encoders and tokenizers through the pipeline.
+        self.text_pipe = StableDiffusion3Pipeline(
+            transformer=self.model["transformer"], vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+            **{k: self.model[k] for k in recipe.TEXT_ENCODERS}, **self.tokenizers)
+
+    def loss(self) -> torch.Tensor:
+        x0, cond = draw_batch(self.data, self.preset.batch_size, self.generator)
+        captions = [self.data.captions[i] if i < len(self.data.captions) else "" for i in cond.tolist()]
+        embeds, pooled = recipe.encode_captions(self.text_pipe, captions, self.preset.t5_max_length, grad=True)
+        return flow_loss(self.model["transformer"], x0, embeds, pooled, self.generator)
+
+    def pipeline(self, vae, text: dict):
+        trained = {k: self.ema[k] for k in recipe.TEXT_ENCODERS}
+        return recipe.assemble_pipeline(self.ema["transformer"], vae, {**text, **trained})
 
 
 def load_vae_from(folder: Path):
@@ -229,7 +287,13 @@ def train_toy_model(size: str, out: Path, *, steps: int | None = None, minutes: 
     else:
         vae = toy_vae.train_vae(steps=vae_steps, minutes=None, seed=seed, progress=progress)
     text = recipe.build_text_components(p.task)
-    pipe = recipe.assemble_pipeline(recipe.build_transformer(p, seed), vae, text)
+    transformer = recipe.build_transformer(p, seed)
+    if init_from is not None:
+        from diffusers import SD3Transformer2DModel
+
+        transformer = SD3Transformer2DModel.from_pretrained(Path(init_from), subfolder="transformer")
+        text = {**text, **recipe.load_text_encoders(Path(init_from))}
+    pipe = recipe.assemble_pipeline(transformer, vae, text)
     if latent_cache is not None and Path(latent_cache).is_file():
         cached = torch.load(latent_cache)
         embeds, pooled = recipe.encode_captions(pipe, cached["captions"] + [""], p.t5_max_length)
@@ -240,18 +304,15 @@ def train_toy_model(size: str, out: Path, *, steps: int | None = None, minutes: 
         if latent_cache is not None:
             torch.save({"latents": data.latents, "caption_index": data.caption_index,
                         "captions": data.captions}, latent_cache)
-    trainer = TransformerTrainer(p, data, seed)
-    if init_from is not None:
-        from diffusers import SD3Transformer2DModel
-
-        saved = SD3Transformer2DModel.from_pretrained(Path(init_from), subfolder="transformer").state_dict()
-        trainer.model.load_state_dict(saved)
-        trainer.ema.load_state_dict(saved)
+    if p.text_lr_scale > 0:
+        trainer: EmaTrainer = JointTextTrainer(p, data, transformer, vae, text, seed)
+    else:
+        trainer = TransformerTrainer(p, data, seed, transformer)
     if resume:
         trainer.load_state_dict(torch.load(state_file, weights_only=False))
 
-    def checkpoint(t: TransformerTrainer) -> None:
-        recipe.save_model(recipe.assemble_pipeline(t.ema, vae, text), p, out)
+    def checkpoint(t) -> None:
+        recipe.save_model(t.pipeline(vae, text), p, out)
         torch.save(t.state_dict(), state_file)
 
     trainer.run(steps=steps, minutes=minutes, progress=progress, checkpoint=checkpoint,

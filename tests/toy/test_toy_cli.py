@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from typer.testing import CliRunner
 
 from glideserve.cli import app
@@ -24,6 +26,24 @@ def test_train_toy_writes_a_loadable_sd3_folder(tmp_path):
     assert resumed.exit_code == 0, resumed.output
     for config in out.rglob("config.json"):  # the reused VAE's source folder is not written into the model
         assert str(tmp_path) not in config.read_text() and "glide-tiny" not in config.read_text(), config
+
+
+def test_train_toy_base_trains_its_text_encoders_too_and_resumes(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "base"
+    base = bundled_model_dir("glide-base")
+    args = ["train-toy", "--size", "base", "--out", str(out), "--threads", "1", "--scene-samples", "32"]
+    result = runner.invoke(app, [*args, "--steps", "2", "--init-from", str(base)])
+    assert result.exit_code == 0, result.output
+    resumed = runner.invoke(app, [*args, "--steps", "3", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert torch.load(out / "trainer_state.pt", weights_only=False)["step"] == 3
+    start, trained = StableDiffusion3Pipeline.from_pretrained(base), StableDiffusion3Pipeline.from_pretrained(out)
+    for key in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # the encoders learned, EMA included
+        before, after = getattr(start, key).state_dict(), getattr(trained, key).state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), key
+    assert trained.transformer.config.num_layers == 8
 
 
 def test_train_toy_rejects_bad_options(tmp_path):
@@ -89,3 +109,14 @@ def test_train_toy_turbo_distills_a_loadable_two_step_model_and_resumes(tmp_path
     assert pipe.transformer.config.num_layers == 8
     for config in out.rglob("config.json"):  # the teacher's folder is not written into the student
         assert "glide-base" not in config.read_text(), config
+
+
+def test_eval_vae_judges_the_autoencoders_round_trips_per_level():
+    result = runner.invoke(app, ["eval", "vae", "--model", "glide-base", "--per-level", "4", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "glide-base autoencoder: 4 scenes per level" in result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[2:] if line.strip()}
+    assert set(rows) == {"easy", "medium", "hard", "overall"}
+    assert float(rows["easy"][-4]) >= 0.75  # the all-correct column of four round-tripped easy scenes
+    bad = runner.invoke(app, ["eval", "vae", "--model", "no-such-model", "--per-level", "2"])
+    assert bad.exit_code != 0 and "no-such-model" in bad.output
