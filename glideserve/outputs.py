@@ -60,6 +60,35 @@ class Loading:
 
 
 @dataclass
+class CascadeVerdict:
+    """Why a cascade answered as it did: the discriminator's ``confidence`` in the light model's
+    image, the ``threshold`` in force, and whether the request was sent on to the heavy model
+    (``escalated``). ``reason`` is ``"confident"``, ``"below_threshold"`` or ``"heavy_refused"``
+    (escalation was needed, but the heavy model could not take the request in time: the light
+    image is the answer)."""
+
+    light_model: str
+    confidence: float
+    threshold: float
+    escalated: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"light_model": self.light_model, "confidence": round(self.confidence, 6),
+                "threshold": round(self.threshold, 6), "escalated": self.escalated, "reason": self.reason}
+
+
+@dataclass
+class Escalated:
+    """Emitted when a cascade sends a request on to its heavy model: the light model's ``image``
+    (a preview of the answer to come) and the verdict."""
+
+    request_id: str
+    image: Image.Image
+    verdict: CascadeVerdict
+
+
+@dataclass
 class GenerationResult:
     """A finished request: the image, the resolved parameters (seed included) and timings."""
 
@@ -67,6 +96,7 @@ class GenerationResult:
     image: Image.Image
     params: GenerationParams
     timings: RequestTimings = field(default_factory=RequestTimings)
+    cascade: CascadeVerdict | None = None  # set when a cascade answered; ``params.model`` served it
 
 
 @dataclass
@@ -81,4 +111,4 @@ class RequestFailed:
     error: Exception | None = None
 
 
-EngineEvent = StepProgress | Queued | Loading | GenerationResult | RequestFailed
+EngineEvent = StepProgress | Queued | Loading | Escalated | GenerationResult | RequestFailed

@@ -99,6 +99,17 @@ def test_busy_models_share_step_time_fairly():
     assert abs(order.count("fast") - 4 * order.count("slow")) <= 4
 
 
+def test_shares_weight_step_time():
+    models = _models("light", "heavy")
+    _resident(models, "light", FakeCore(step_s=1.0))
+    _resident(models, "heavy", FakeCore(step_s=1.0))
+    models.set_shares({"light": 1.0, "heavy": 3.0})
+    order = _run_steps(models, 40)
+    assert abs(order.count("heavy") - 3 * order.count("light")) <= 3
+    with pytest.raises(ValueError, match="positive"):
+        models.set_shares({"light": 0.0})
+
+
 def test_a_model_back_from_idle_banks_no_credit():
     models = _models("a", "b")
     _resident(models, "a", FakeCore(step_s=1.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from pathlib import Path
@@ -166,6 +167,13 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                                       "adapters in --lora-dir (use with --api-key)."),
         max_lora_upload_mb: float = typer.Option(64.0, min=0.001, max=4096, help="Largest adapter file an "
                                                  "upload may send."),
+        cascade: Optional[str] = typer.Option(
+            None, help="light=MODEL,heavy=MODEL[,discriminator=PATH][,threshold=T|auto][,interval=S]: requests "
+                       "naming no model (or 'cascade') are answered by the light model when the discriminator's "
+                       "confidence is at least the threshold, else by the heavy one. auto (the default) re-plans "
+                       "the threshold and both models' step-time shares every S seconds (default 5) from "
+                       "demand with the allocation MILP (needs --default-slo-ms). Both models are served "
+                       "(no --model needed); the discriminator defaults to the bundled one of the light model."),
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
@@ -191,9 +199,26 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                min_full_fraction=min_full_fraction,
                                latent_aware=latent_aware, lora_dir=None if lora_dir is None else str(lora_dir),
                                lora_memory_mb=lora_memory_mb)
+            cascade_config = None
+            if cascade is not None:
+                from glideserve.cascade.serving import CascadeConfig
+
+                if system is not System.glideserve:
+                    raise ValueError("--cascade runs on --system glideserve")
+                cascade_config = CascadeConfig.parse(cascade)
+                # Both stages are served: a --model NAME=PATH of the same name says where one loads from;
+                # the heavy model goes first, as the default of requests that opt out of the cascade.
+                given = {model_id_for(m): m for m in model} if model != [DEFAULT_MODEL] else {}
+                stages = [cascade_config.heavy, cascade_config.light]
+                model = [given.get(name, name) for name in stages] + [m for n, m in given.items() if n not in stages]
+                config = dataclasses.replace(config, model_id=model_id_for(cascade_config.heavy))
             backend = make_backend(system, model, max_loaded_models=max_loaded_models,
                                    weights_memory_gb=weights_memory_gb, **options)
-        except (GlideServeError, ValueError) as exc:
+            if cascade_config is not None:
+                from glideserve.cascade.serving import build_cascade_backend
+
+                backend = build_cascade_backend(backend, cascade_config, default_slo_ms)
+        except (GlideServeError, ValueError, FileNotFoundError) as exc:
             typer.secho(f"error: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
         if api_key is None and host not in LOOPBACK_HOSTS:

@@ -10,9 +10,10 @@ decisions, so they can be tested without a model:
   busy one is never unloaded, so a load may wait for a model to go idle.
 - **Who steps next.** Steps are shared by step time, as a fair-share scheduler shares a
   CPU: each busy model accumulates the seconds its steps took (``vruntime``) and the one
-  with the least goes next. Deadlines override fairness for one step: when a model's most
-  urgent request has less slack than the step the fair choice would take, that model goes
-  first.
+  with the least goes next. ``set_shares`` weights it (a cascade's allocator gives its light
+  and heavy model shares of step time): a step of ``s`` seconds costs ``s / share``. Deadlines
+  override fairness for one step: when a model's most urgent request has less slack than the
+  step the fair choice would take, that model goes first.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class ModelSlot:
     load_started: float = 0.0
     last_used: float = 0.0
     vruntime: float = 0.0
+    share: float = 1.0  # relative weight of its step time (see ModelSet.set_shares)
     was_busy: bool = False
     pending: list = field(default_factory=list)
 
@@ -285,6 +287,14 @@ class ModelSet:
         return fair
 
     def charge(self, slot: ModelSlot, seconds: float) -> None:
-        """Account a step of ``slot`` that took ``seconds``."""
-        slot.vruntime += seconds
+        """Account a step of ``slot`` that took ``seconds`` (weighted by its share)."""
+        slot.vruntime += seconds / slot.share
         slot.last_used = self.clock()
+
+    def set_shares(self, shares: dict[str, float]) -> None:
+        """Relative step-time weights of the named models (others keep theirs): while several are busy,
+        each gets step time in proportion to its share."""
+        for name, share in shares.items():
+            if not share > 0:
+                raise ValueError(f"the share of {name!r} must be positive, got {share}")
+            self.get(name).share = float(share)

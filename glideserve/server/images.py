@@ -19,12 +19,12 @@ from starlette.types import Receive, Scope, Send
 
 from glideserve.errors import (DeadlineExceededError, EngineStoppedError, GlideServeError, InvalidRequestError,
                                QueueFullError, RequestAbortedError)
-from glideserve.outputs import GenerationResult, Loading, Queued, RequestFailed, StepProgress
+from glideserve.outputs import Escalated, GenerationResult, Loading, Queued, RequestFailed, StepProgress
 from glideserve.params import GenerationParams
 from glideserve.server.backend import RequestStream
 from glideserve.server.errors import (GENERATIONS_PATH, DrainTimeoutError, GenerationFailedError, NotFoundError,
                                       RequestIdConflictError)
-from glideserve.server.protocol import (CancelResponse, CompletedEvent, ErrorBody, ErrorResponse,
+from glideserve.server.protocol import (CancelResponse, CascadeInfo, CompletedEvent, ErrorBody, ErrorResponse,
                                         ImageData, ImageGenerationRequest, ImagesResponse, ImageTimings, LoadingEvent,
                                         PartialImageEvent, ProgressEvent, ResponseTimings, StreamErrorEvent,
                                         error_response_body)
@@ -197,6 +197,26 @@ def _params(body: ImageGenerationRequest, default_slo_ms: float | None, model: s
             for seed in body.seeds(base_seed)]
 
 
+def _route(state: ServerState, body: ImageGenerationRequest) -> str | None:
+    """The engine model a request runs on (None: the default, which is the cascade when one is served)."""
+    model = state.engine_model(body.model)
+    if body.cascade is None:
+        return model
+    if state.cascade is None:
+        raise InvalidRequestError("this server runs no cascade; drop `cascade` or start it with --cascade",
+                                  "cascade")
+    if body.cascade and model is not None:
+        raise InvalidRequestError(f"cascade=true runs the cascade, but model {body.model!r} names one of its "
+                                  "models; name no model (or 'cascade') to run the cascade", "cascade")
+    return model if body.cascade or model is not None else state.cascade.config.heavy
+
+
+def _served(state: ServerState, result: GenerationResult) -> dict:
+    """``served_by`` and ``cascade`` of an image's response."""
+    verdict = None if result.cascade is None else CascadeInfo(**result.cascade.as_dict())
+    return {"served_by": result.params.model or state.model_id, "cascade": verdict}
+
+
 @router.post(GENERATIONS_PATH, response_model=ImagesResponse,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "JSON, or with stream=true a stream of image_generation.* events"}})
@@ -207,7 +227,7 @@ async def create_images(body: ImageGenerationRequest, request: Request,
     state = get_state(request)
     if state.draining:
         raise EngineStoppedError("the server is shutting down and admits no new requests; retry on another instance")
-    params = _params(body, state.config.default_slo_ms, state.engine_model(body.model))
+    params = _params(body, state.config.default_slo_ms, _route(state, body))
     waiting = state.backend.stats().num_waiting
     if waiting + body.n > state.config.max_queue:
         raise QueueFullError(f"the queue is full ({waiting} images waiting, limit {state.config.max_queue}); "
@@ -273,9 +293,10 @@ async def _collect(job: GenerationJob, request: Request) -> ImagesResponse:
         job.state.metrics.observe_image(result.timings)
         if job.body.response_format == "url":
             url = _image_url(request, job.state.images.put(png))
-            data.append(ImageData(url=url, seed=result.params.seed))
+            data.append(ImageData(url=url, seed=result.params.seed, **_served(job.state, result)))
         else:
-            data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=result.params.seed))
+            data.append(ImageData(b64_json=base64.b64encode(png).decode(), seed=result.params.seed,
+                                  **_served(job.state, result)))
     met = job.state.metrics.observe_completed(total_s, job.slo_ms)
     timings = ResponseTimings(total_s=round(total_s, 6), slo_ms=job.slo_ms, slo_met=met,
                               images=[_timings(results[i]) for i in range(len(job.streams))])
@@ -312,11 +333,18 @@ async def _event_stream(job: GenerationJob) -> AsyncIterator[str]:
                                                  partial_image_index=partial_sent[index], image_index=index,
                                                  step=event.step))
                     partial_sent[index] += 1
+            elif isinstance(event, Escalated):  # the light model's image, while the heavy model works
+                png = await asyncio.to_thread(_png, event.image, PREVIEW_SIDE)
+                yield _sse(PartialImageEvent(b64_json=base64.b64encode(png).decode(), size=size,
+                                             partial_image_index=partial_sent[index], image_index=index,
+                                             step=0, cascade=CascadeInfo(**event.verdict.as_dict())))
+                partial_sent[index] += 1
             elif isinstance(event, GenerationResult):
                 png = await asyncio.to_thread(_png, event.image)
                 metrics.observe_image(event.timings)
                 yield _sse(CompletedEvent(b64_json=base64.b64encode(png).decode(), size=size, image_index=index,
-                                          seed=event.params.seed, timings=_timings(event)))
+                                          seed=event.params.seed, timings=_timings(event),
+                                          **_served(job.state, event)))
             elif isinstance(event, RequestFailed):
                 error = _failure(event)
                 metrics.count_request(error.code)

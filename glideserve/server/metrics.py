@@ -33,7 +33,8 @@ class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, stats: Callable[[], object], clock: Callable[[], float] = time.monotonic,
-                 model_cards: Callable[[], list[dict]] | None = None):
+                 model_cards: Callable[[], list[dict]] | None = None,
+                 cascade: Callable[[], dict] | None = None):
         self.registry = CollectorRegistry()
         self._clock = clock
         self._image_times: deque[float] = deque()
@@ -67,6 +68,8 @@ class ServerMetrics:
         r.register(SchedulerCollector(stats))
         if model_cards is not None:
             r.register(ModelCollector(model_cards))
+        if cascade is not None:
+            r.register(CascadeCollector(cascade))
 
     def on_step(self, step) -> None:
         """Backend step listener: ``step`` has ``duration_s``, ``num_requests``, ``num_rows``."""
@@ -165,3 +168,39 @@ class ModelCollector:
             loads.add_metric([name], card.get("loads", 1))
             unloads.add_metric([name], card.get("unloads", 0))
         yield from (loaded, weights, loads, unloads)
+
+
+class CascadeCollector:
+    """A cascade's state at scrape time (``CascadeBackend.describe``): answers by the model that served
+    them, escalations, escalations the heavy model refused (answered by the light image), the threshold in
+    force and, with ``threshold=auto``, the planned demand and each model's share of step time."""
+
+    def __init__(self, describe: Callable[[], dict]):
+        self._describe = describe
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state = self._describe()
+        counts = state["counts"]
+        served = CounterMetricFamily("glideserve_cascade_requests", "Cascade answers by the model that served them",
+                                     labels=["served_by"])
+        served.add_metric([state["light"]], counts["light"])
+        served.add_metric([state["heavy"]], counts["heavy"])
+        yield served
+        yield CounterMetricFamily("glideserve_cascade_escalations", "Cascade requests sent on to the heavy model",
+                                  value=counts["escalated"])
+        yield CounterMetricFamily("glideserve_cascade_heavy_refused", "Escalations the heavy model could not take "
+                                  "in time (answered with the light image)", value=counts["heavy_refused"])
+        yield GaugeMetricFamily("glideserve_cascade_threshold", "Discriminator confidence below which a request "
+                                "escalates", value=state["threshold"])
+        plan = state.get("plan")
+        if plan is not None:
+            yield GaugeMetricFamily("glideserve_cascade_planned_demand", "Demand (requests/s, with headroom) the "
+                                    "allocator planned for", value=plan["demand"])
+            shares = GaugeMetricFamily("glideserve_cascade_share", "Share of step time the allocator gives each "
+                                       "model", labels=["model"])
+            shares.add_metric([state["light"]], plan["light_capacity"])
+            shares.add_metric([state["heavy"]], plan["heavy_capacity"])
+            yield shares

@@ -87,6 +87,9 @@ class ImageGenerationRequest(BaseModel):
                                                                 "the server's --latent-aware)")
     lora: str | list[LoraRef] | None = Field(default=None, description="LoRA adapters from the server's "
                                              "--lora-dir: a name (scale 1.0) or a list of {name, scale}, at most 8")
+    cascade: bool | None = Field(default=None, description="on a server run with --cascade: false answers from "
+                                 "the heavy model directly; true (the default for requests naming no model or "
+                                 "'cascade') lets the light model answer when the discriminator is confident")
 
     @field_validator("prompt")
     @classmethod
@@ -114,13 +117,26 @@ class ImageGenerationRequest(BaseModel):
         return [base + i for i in range(self.n)]
 
 
+class CascadeInfo(BaseModel):
+    """Why a cascade answered as it did (see ``glideserve.outputs.CascadeVerdict``)."""
+
+    light_model: str
+    confidence: float
+    threshold: float
+    escalated: bool
+    reason: Literal["confident", "below_threshold", "heavy_refused"]
+
+
 class ImageData(BaseModel):
-    """One generated image: inline PNG (``b64_json``) or a temporary ``url``, and its seed."""
+    """One generated image: inline PNG (``b64_json``) or a temporary ``url``, its seed, the model that
+    made it (``served_by``) and, from a cascade, why (``cascade``)."""
 
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: None = None
     seed: int
+    served_by: str | None = None
+    cascade: CascadeInfo | None = None
 
 
 class ImageTimings(BaseModel):
@@ -195,6 +211,8 @@ class PartialImageEvent(BaseModel):
     size: str
     image_index: int
     step: int
+    cascade: CascadeInfo | None = Field(default=None, description="set on the light model's image when a "
+                                        "cascade escalates: the heavy model's answer follows")
 
 
 class CompletedEvent(BaseModel):
@@ -210,6 +228,8 @@ class CompletedEvent(BaseModel):
     image_index: int
     seed: int
     timings: ImageTimings
+    served_by: str | None = None
+    cascade: CascadeInfo | None = None
 
 
 class ErrorBody(BaseModel):

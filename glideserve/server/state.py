@@ -113,6 +113,17 @@ class ImageStore:
             del self._images[image_id]
 
 
+CASCADE_MODEL_NAME = "cascade"  # what a client names to run the cascade (as does naming no model)
+
+
+def _cascade_of(backend):
+    """The backend if it serves a cascade, else None (the cascade module loads only when it does)."""
+    import sys
+
+    module = sys.modules.get("glideserve.cascade.serving")
+    return backend if module is not None and isinstance(backend, module.CascadeBackend) else None
+
+
 class ServerState:
     """Everything the routes share: backend, config, metrics, image store, jobs in flight.
 
@@ -124,7 +135,9 @@ class ServerState:
         self.backend = backend
         self.config = config
         self.model_id = config.model_id or backend.spec.name
-        self.metrics = ServerMetrics(backend.stats, model_cards=self.model_cards)
+        self.cascade = _cascade_of(backend)
+        self.metrics = ServerMetrics(backend.stats, model_cards=self.model_cards,
+                                     cascade=None if self.cascade is None else self.cascade.describe)
         self.http_metrics = HttpMetrics(self.metrics.registry)
         self.images = ImageStore(config.max_stored_images, config.image_ttl_s)
         self.jobs: dict[str, GenerationJob] = {}
@@ -167,9 +180,9 @@ class ServerState:
         return cards
 
     def engine_model(self, requested: str | None) -> str | None:
-        """The backend's name for the model a request names (None: the default), or 404
-        ``model_not_found`` listing the served names."""
-        if requested is None:
+        """The backend's name for the model a request names (None: the default, or the cascade when
+        one is served), or 404 ``model_not_found`` listing the served names."""
+        if requested is None or (self.cascade is not None and requested == CASCADE_MODEL_NAME):
             return None
         cards = self.model_cards()
         if len(cards) == 1 and requested in (self.model_id, self.backend.spec.name):

@@ -51,20 +51,25 @@ def wait_ready(base_url: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
 class LiveServer:
     """The real app and backend (``system``) under uvicorn on a background thread of this process.
 
-    ``model`` is one model, or a list of ``NAME=PATH`` models served together.
+    ``model`` is one model, or a list of ``NAME=PATH`` models served together; ``cascade`` (a
+    ``CascadeConfig`` over two of them) serves them as a cascade.
 
     ``app`` gives tests access to the server state (for instance to add a step
     listener to the engine); ``url`` is the base URL and ``api`` the ``/v1`` root.
     """
 
     def __init__(self, model: str | Path | list[str], config: ServerConfig = ServerConfig(),
-                 system: str = "glideserve", **engine_config):
+                 system: str = "glideserve", cascade=None, **engine_config):
         from glideserve.cli.serve import System, make_backend
         from glideserve.server.run import DrainingServer, uvicorn_config
 
         engine_config.setdefault("max_image_side", 128)
         self.backend = make_backend(System(system), model if isinstance(model, list) else str(model),
                                     **engine_config)
+        if cascade is not None:  # a CascadeConfig over two of the served models
+            from glideserve.cascade.serving import build_cascade_backend
+
+            self.backend = build_cascade_backend(self.backend, cascade, config.default_slo_ms)
         self.app = create_app(self.backend, config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
