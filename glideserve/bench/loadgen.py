@@ -160,6 +160,9 @@ async def send_one(client: httpx.AsyncClient, url: str, body: dict, record: Requ
     for name in ("full_steps", "cached_steps"):
         value = image_timings.get(name)
         setattr(record, name, value if isinstance(value, int) and not isinstance(value, bool) else None)
+    record.served_by = str(data[0].get("served_by") or "")
+    cascade = data[0].get("cascade")
+    record.escalated = bool(cascade.get("escalated")) if isinstance(cascade, dict) else None
     if keep_image:
         record.image = await asyncio.to_thread(base64.b64decode, data[0]["b64_json"])
     late = record.slo_s is not None and record.latency_s > record.slo_s

@@ -35,7 +35,8 @@ class RequestRecord:
     was asked; ``full_steps`` and
     ``cached_steps`` are copied from the image's timings. With image scoring on,
     ``image`` holds the returned PNG (never written to CSV), ``judge_correct`` the toy
-    judge's verdict and ``ssim`` the SSIM against the exact engine's image.
+    judge's verdict and ``ssim`` the SSIM against the exact engine's image. ``served_by`` is the model
+    that made the image and ``escalated`` (cascades only) whether the light model's answer was sent on.
     """
 
     index: int
@@ -60,6 +61,8 @@ class RequestRecord:
     cached_steps: int | None = None
     judge_correct: bool | None = None
     ssim: float | None = None
+    served_by: str = ""
+    escalated: bool | None = None
     image: bytes | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):

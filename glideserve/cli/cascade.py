@@ -177,9 +177,109 @@ def simulate(
         typer.echo(f"wrote {out / 'results.json'} and {out / 'simulation.png'}")
 
 
+def _policy_timelines(result) -> dict[str, dict[str, list[float]]]:
+    """Per policy and second: arrivals, violations and, from the polled metrics, threshold and light share."""
+    seconds = int(result.config.duration_s) + 1
+    timelines = {}
+    for policy, entry in result.policies.items():
+        timeline = dict(entry["timeline"])
+        fixed = {"all-light": (0.0, 1.0), "all-heavy": (1.0, 0.0)}.get(policy)
+        threshold, share, demand = [0.0] * seconds, [0.0] * seconds, [0.0] * seconds
+        last = (fixed or (result.config.static_threshold, 0.5)) + (0.0,)
+        samples = iter(entry["samples"])
+        sample = next(samples, None)
+        for s in range(seconds):
+            while sample is not None and sample["t"] <= s + 1:
+                light = sample.get(f"share:{result.config.light}")
+                heavy = sample.get(f"share:{result.config.heavy}")
+                last = (sample.get("threshold", last[0]),
+                        light / (light + heavy) if light is not None and heavy else last[1],
+                        sample.get("demand", last[2]))
+                sample = next(samples, None)
+            threshold[s], share[s], demand[s] = fixed + (0.0,) if fixed else last
+        timelines[policy] = {**timeline, "threshold": threshold, "light_workers": share, "demand": demand}
+    return timelines
+
+
+def cascade_report(result) -> str:
+    """Markdown: one row per policy (overall), then judge and escalation per difficulty level."""
+    d = result.as_dict()
+    lines = [f"# Cascade benchmark: {d['light']} -> {d['heavy']}", "",
+             f"{d['requests']} requests over {d['duration_s']:g} s ({d['trace']} shape, offered {d['offered_per_s']:.2f}/s "
+             f"= {result.config.overload:g} x {d['heavy']}'s capacity of {d['heavy_capacity_per_s']:.2f}/s); SLO "
+             f"{d['slo_s']:.2f} s = {result.config.slo_scale:g} x its isolated latency of {d['heavy_isolated_s']:.2f} s; "
+             f"static threshold {d['static_threshold']:g}.", "",
+             "| policy | SLO violations | judge all-correct | correct and on time | goodput (img/s) | toy CLIP | "
+             "toy FID | served by |", "|---|---|---|---|---|---|---|---|"]
+    for policy, entry in d["policies"].items():
+        o = entry["levels"]["overall"]
+        served = ", ".join(f"{k} {v}" for k, v in sorted(o["served_by"].items()))
+        lines.append(f"| {policy} | {o['violation_ratio']:.3f} | {o['judge_all_correct']:.3f} | "
+                     f"{o['correct_on_time']:.3f} | {o['goodput_per_s']:.3f} | {o.get('toy_clip_score', float('nan')):.3f} | "
+                     f"{o.get('toy_fid', float('nan')):.2f} | {served} |")
+    lines += ["", "Per difficulty level: judge all-correct of served images / correct and on time / escalated share",
+              "", "| policy | easy | medium | hard |", "|---|---|---|---|"]
+    for policy, entry in d["policies"].items():
+        cells = []
+        for level in ("easy", "medium", "hard"):
+            row = entry["levels"].get(level)
+            if row is None:
+                cells.append("-")
+                continue
+            esc = "-" if row["escalated"] is None else f"{row['escalated']:.2f}"
+            cells.append(f"{row['judge_all_correct']:.2f} / {row['correct_on_time']:.2f} / {esc}")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_cascade(
+    light: str = typer.Option("glide-turbo", "--light"),
+    heavy: str = typer.Option("glide-base", "--heavy"),
+    discriminator: Optional[Path] = typer.Option(None, "--discriminator", help="Default: the light model's "
+                                                 "bundled discriminator."),
+    trace: str = typer.Option("maf_trace_4to32qps.csv", "--trace", help="Trace whose shape the load follows."),
+    overload: float = typer.Option(2.0, "--overload", min=0.01, help="Offered load / the heavy model's capacity."),
+    slo_scale: float = typer.Option(5.0, "--slo-scale", min=0.01, help="SLO / the heavy model's isolated latency."),
+    duration: float = typer.Option(120.0, "--duration", min=1.0, help="Seconds of arrivals per policy."),
+    static_threshold: float = typer.Option(0.5, "--static-threshold", min=0.0, max=1.0),
+    policy: List[str] = typer.Option(list(POLICIES), "--policy", help="Policies to run (repeatable)."),
+    per_level: int = typer.Option(40, "--per-level", min=1, help="Captions per difficulty level to draw from."),
+    interval: float = typer.Option(5.0, "--interval-s", min=0.1, help="The MILP's re-planning interval."),
+    seed: int = typer.Option(0, "--seed"),
+    toy_clip: bool = typer.Option(True, "--toy-clip/--no-toy-clip", help="Also the toy CLIP score and FID."),
+    out: Path = typer.Option(Path("bench-results/cascade"), "--out"),
+) -> None:
+    """All-light, all-heavy, static and MILP cascades under one overloading trace: SLO violations, judge
+    accuracy per difficulty, toy CLIP/FID and goodput counting only on-time correct images."""
+    from glideserve.bench.cascade_run import CascadeBench, run_cascade_bench
+    from glideserve.cascade.plots import plot_timelines
+
+    path = Path(trace)
+    if not path.is_file() and (BUNDLED_TRACES / trace).is_file():
+        path = BUNDLED_TRACES / trace
+    try:
+        bench = CascadeBench(light, heavy, None if discriminator is None else str(discriminator), static_threshold,
+                             str(path), overload, slo_scale, duration, per_level, tuple(policy), interval, seed)
+        clip = None
+        if toy_clip:
+            from glideserve.toy.contrastive import load_toy_clip
+
+            clip = load_toy_clip()
+        result = run_cascade_bench(bench, out, log=typer.echo, toy_clip=clip)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+    (out / "results.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
+    report = cascade_report(result)
+    (out / "report.md").write_text(report)
+    plot_timelines(_policy_timelines(result), out / "timeline.png", title=f"{light} -> {heavy}, {path.name} shape")
+    typer.echo(report)
+    typer.echo(f"results in {out}")
+
+
 def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) -> None:
     cascade_app = typer.Typer(no_args_is_help=True, help="Model cascades: discriminator training and profiles.")
     app.add_typer(cascade_app, name="cascade")
     cascade_app.command("train-discriminator")(train_discriminator)
     cascade_app.command("profile")(profile_cascade)
     app.command("simulate")(simulate)
+    bench_app.command("cascade")(bench_cascade)

@@ -90,8 +90,9 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def bound_port(self) -> int | None:
-        """The port actually listened on (useful with port 0), once started."""
-        for server in self.servers:
+        """The port actually listened on (useful with port 0), once started; None before (as when a server
+        without warm-up reports ready during its start-up)."""
+        for server in getattr(self, "servers", ()):
             for sock in server.sockets:
                 return sock.getsockname()[1]
         return None
