@@ -46,11 +46,15 @@ class SimulationConfig:
     ewma_alpha: float = 0.5
     headroom: float = 1.2
     seed: int = 0
+    shared_machine: bool = False  # one machine whose step time both models share (glideserve.cascade.shared_machine)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.workers < (2 if self.policy in ("milp", "static") else 1):
+        if self.shared_machine:
+            if self.workers != 1:
+                raise ValueError(f"a shared machine is one worker, got {self.workers}")
+        elif self.workers < (2 if self.policy in ("milp", "static") else 1):
             raise ValueError(f"a {self.policy} cascade needs at least 2 workers, got {self.workers}")
         if not self.interval_s > 0 or not self.drop_factor >= 1.0:
             raise ValueError("interval_s must be > 0 and drop_factor >= 1")
@@ -71,6 +75,7 @@ class SimulationResult:
     served_by: dict[str, int]
     timeline: dict[str, list[float]] = field(default_factory=dict)
     quality: dict[str, float] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)  # arrival to answer of each served query, in order
 
     @property
     def violation_ratio(self) -> float:
@@ -79,7 +84,10 @@ class SimulationResult:
     def as_dict(self) -> dict:
         return {"policy": self.policy, "workers": self.workers, "queries": self.queries, "on_time": self.on_time,
                 "late": self.late, "dropped": self.dropped, "violation_ratio": round(self.violation_ratio, 5),
-                "served_by": self.served_by, "quality": self.quality, "timeline": self.timeline}
+                "served_by": self.served_by, "quality": self.quality,
+                "latency_p50_s": round(float(np.percentile(self.latencies, 50)), 4) if self.latencies else None,
+                "latency_p99_s": round(float(np.percentile(self.latencies, 99)), 4) if self.latencies else None,
+                "timeline": self.timeline}
 
 
 def best_single_model_batch(model: ModelProfile, slo_s: float) -> int:
@@ -136,6 +144,7 @@ class CascadeSimulator:
                                                  "light_workers", "demand")}
         counts = {"on_time": 0, "late": 0, "dropped": 0}
         served = {LIGHT: 0, HEAVY: 0}
+        latencies: list[float] = []
         queues = {LIGHT: deque(), HEAVY: deque()}
         roles = [LIGHT] * c.workers
         busy_until = [0.0] * c.workers
@@ -158,6 +167,7 @@ class CascadeSimulator:
             return min(seconds - 1, int(t))
 
         def finish(q: _Query, t: float, model: str):
+            latencies.append(t - q.arrival)
             key = "on_time" if t - q.arrival <= p.slo_s + 1e-9 else "late"
             counts[key] += 1
             served[model] += 1
@@ -225,7 +235,7 @@ class CascadeSimulator:
                 for key in ("threshold", "light_workers", "demand"):
                     timeline[key][s] = timeline[key][s - 1]
         return SimulationResult(c.policy, c.workers, len(queries), counts["on_time"], counts["late"],
-                                counts["dropped"], served, timeline, self._quality(served))
+                                counts["dropped"], served, timeline, self._quality(served), latencies)
 
     def _quality(self, served: dict[str, int]) -> dict[str, float]:
         """Each metric of the profile's per-model quality, averaged over the queries each model served."""
@@ -241,4 +251,8 @@ class CascadeSimulator:
 def simulate(profile: CascadeProfile, arrivals: list[float], config: SimulationConfig,
              confidences: list[float] | None = None) -> SimulationResult:
     """One policy over one trace (arrival offsets in seconds, sorted)."""
+    if config.shared_machine:
+        from glideserve.cascade.shared_machine import SharedMachineSimulator
+
+        return SharedMachineSimulator(profile, config).run(list(arrivals), confidences)
     return CascadeSimulator(profile, config).run(list(arrivals), confidences)

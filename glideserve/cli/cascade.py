@@ -138,10 +138,15 @@ def simulate(
     static_threshold: float = typer.Option(0.1, "--static-threshold", min=0.0, max=1.0),
     interval_s: float = typer.Option(5.0, "--interval-s", min=0.1, help="Re-planning interval."),
     seed: int = typer.Option(0, "--seed"),
+    shared_machine: bool = typer.Option(False, "--shared-machine", help="One machine whose step time both "
+                                        "models share, as `glideserve serve --cascade` runs (--workers 1)."),
+    rate: Optional[float] = typer.Option(None, "--rate", min=0.001, help="Fit the whole trace into --duration "
+                                         "at this mean rate (as `glideserve bench cascade` does)."),
+    duration: Optional[float] = typer.Option(None, "--duration", min=1.0),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for results.json and plots."),
 ) -> None:
     """Simulate a cascade on N workers under a trace: SLO violations, drops and quality per policy."""
-    from glideserve.bench.arrivals import load_trace
+    from glideserve.bench.arrivals import make_schedule
     from glideserve.cascade.profiles import load_profiles
     from glideserve.cascade.simulator import SimulationConfig
     from glideserve.cascade.simulator import simulate as run
@@ -150,10 +155,12 @@ def simulate(
     if not path.is_file() and (BUNDLED_TRACES / trace).is_file():
         path = BUNDLED_TRACES / trace
     try:
-        schedule = load_trace(path)
+        if (rate is None) != (duration is None):
+            raise ValueError("give --rate and --duration together (or neither, for the trace as it is)")
+        schedule = make_schedule("trace", rate=rate, duration_s=duration, trace=path, seed=seed)
         profile = load_profiles(profiles, light, heavy, cascade, slo_s)
-        configs = [SimulationConfig(workers, p, interval_s=interval_s, static_threshold=static_threshold, seed=seed)
-                   for p in policy]
+        configs = [SimulationConfig(workers, p, interval_s=interval_s, static_threshold=static_threshold, seed=seed,
+                                    shared_machine=shared_machine) for p in policy]
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"{path.name}: {len(schedule)} queries over {schedule.span_s:.0f} s ({schedule.mean_rate:.1f}/s); "

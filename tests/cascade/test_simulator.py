@@ -22,6 +22,7 @@ def test_all_light_on_two_workers_counts_on_time_late_and_dropped_by_hand():
     arrivals = [0.0, 0.0, 0.5, 0.6, 0.7, 0.9]
     result = simulate(_profile(1.5), arrivals, SimulationConfig(2, "all-light"))
     assert (result.on_time, result.late, result.dropped) == (4, 1, 1)
+    assert sorted(result.latencies) == pytest.approx([1.0, 1.0, 1.4, 1.5, 2.1])
     assert result.violation_ratio == pytest.approx(2 / 6)
     assert result.served_by == {"light": 5, "heavy": 0}
     assert result.timeline["arrivals"] == [6, 0]  # by the second each query arrived in
@@ -49,3 +50,30 @@ def test_a_cascade_needs_two_workers_and_a_known_policy():
         SimulationConfig(1, "milp")
     with pytest.raises(ValueError, match="unknown policy"):
         SimulationConfig(4, "fastest")
+
+
+def test_shared_machine_splits_time_by_share_while_both_models_run():
+    from glideserve.cascade.shared_machine import SharedMachineSimulator
+
+    # Static threshold 0.5 at demand 0: the MILP's shares; q0 escalates (0.2), q1 does not (0.8).
+    # Light: q0 0-1 alone (1 s of work at full speed). Then heavy runs q0 (2 s of work) while light runs q1
+    # (1 s): both progress at their shares until light finishes, then heavy runs alone.
+    profile = _profile(10.0)
+    config = SimulationConfig(1, "static", static_threshold=0.5, shared_machine=True)
+    sim = SharedMachineSimulator(profile, config)
+    threshold, shares, _ = sim._plan(0.0)
+    light_rate = shares["light"] / (shares["light"] + shares["heavy"])
+    result = sim.run([0.0, 0.0], confidences=[0.2, 0.8])
+    assert result.served_by == {"light": 1, "heavy": 1} and result.on_time == 2
+    # q1 (light, from 1 s) progresses at its share while q0 runs heavy; the machine never idles, so the
+    # last answer comes when all 1 + 1 + 2 seconds of work are done.
+    q1_done = 1.0 + 1.0 / light_rate
+    assert sorted(result.latencies) == pytest.approx(sorted([q1_done, 4.0]))
+    assert q1_done > 2.0  # slower than it would be alone
+
+
+def test_shared_machine_alone_matches_one_worker():
+    arrivals = [0.0, 0.0, 0.5, 0.6, 0.7, 0.9]
+    one_worker = simulate(_profile(1.5), arrivals, SimulationConfig(1, "all-light"))
+    shared = simulate(_profile(1.5), arrivals, SimulationConfig(1, "all-light", shared_machine=True))
+    assert (shared.on_time, shared.late, shared.dropped) == (one_worker.on_time, one_worker.late, one_worker.dropped)

@@ -1,0 +1,139 @@
+"""The cascade on one machine whose step time the two models share, as ``glideserve serve --cascade`` runs it.
+
+Each model runs at most one batch at a time (its requests batch together). While both have
+a batch in flight the machine's time is split by the plan's shares (a batch then progresses
+at its share of full speed); a model running alone gets the whole machine, as the engine's
+fair-share scheduler gives it. Shares, threshold and batch sizes come from the same MILP as
+the live controller (one machine: continuous shares summing to at most 1). Queries carry a
+discriminator confidence as in :mod:`glideserve.cascade.simulator`, whose drop rule, SLO
+accounting and result type this shares, so the two can be compared with a live run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from glideserve.cascade import allocator
+from glideserve.cascade.profiles import CascadeProfile
+from glideserve.cascade.simulator import (HEAVY, LIGHT, SimulationConfig, SimulationResult, _Query,
+                                          best_single_model_batch)
+
+MIN_SHARE = 0.05  # as the live controller: a model the plan gives nothing still progresses
+
+
+class SharedMachineSimulator:
+    """Processor sharing between a light and a heavy model on one machine; ``run`` as CascadeSimulator's."""
+
+    def __init__(self, profile: CascadeProfile, config: SimulationConfig):
+        if not config.shared_machine:
+            raise ValueError("SharedMachineSimulator needs SimulationConfig(shared_machine=True)")
+        self.profile = profile
+        self.config = config
+        self.estimator = allocator.DemandEstimator(config.ewma_alpha, config.headroom)
+
+    def _plan(self, demand: float) -> tuple[float, dict[str, float], dict[str, int]]:
+        """Threshold, step-time shares and batch caps for ``demand``."""
+        p, c = self.profile, self.config
+        if c.policy == "all-light":
+            return 0.0, {LIGHT: 1.0, HEAVY: MIN_SHARE}, {LIGHT: best_single_model_batch(p.light, p.slo_s), HEAVY: 1}
+        if c.policy == "all-heavy":
+            return 1.0, {LIGHT: MIN_SHARE, HEAVY: 1.0}, {LIGHT: 1, HEAVY: best_single_model_batch(p.heavy, p.slo_s)}
+        fixed = c.static_threshold if c.policy == "static" else None
+        plan = allocator.solve(p, demand, 1.0, fixed_threshold=fixed)
+        shares = {LIGHT: max(MIN_SHARE, plan.light_capacity), HEAVY: max(MIN_SHARE, plan.heavy_capacity)}
+        return plan.threshold, shares, {LIGHT: plan.light_batch, HEAVY: plan.heavy_batch}
+
+    def run(self, arrivals: list[float], confidences: list[float] | None = None) -> SimulationResult:
+        c, p = self.config, self.profile
+        if confidences is None:
+            rng = np.random.default_rng(c.seed)
+            confidences = [p.escalation.confidence_at(u) for u in rng.random(len(arrivals))]
+        queries = deque(_Query(t, conf) for t, conf in zip(arrivals, confidences))
+        total = len(queries)
+        seconds = int(math.ceil(arrivals[-1])) + 1 if arrivals else 1
+        timeline = {k: [0.0] * seconds for k in ("arrivals", "on_time", "late", "dropped", "threshold",
+                                                 "light_workers", "demand")}
+        counts = {"on_time": 0, "late": 0, "dropped": 0}
+        served = {LIGHT: 0, HEAVY: 0}
+        latencies: list[float] = []
+        queues = {LIGHT: deque(), HEAVY: deque()}
+        running: dict[str, list] = {}  # role -> [batch, remaining seconds at full speed]
+        models = {LIGHT: p.light, HEAVY: p.heavy}
+        threshold, shares, caps = self._plan(0.0)
+        next_replan = c.interval_s
+        seen = 0
+        now = 0.0
+        for q in queries:
+            timeline["arrivals"][min(seconds - 1, int(q.arrival))] += 1
+
+        def second(t: float) -> int:
+            return min(seconds - 1, int(t))
+
+        def rates() -> dict[str, float]:
+            if len(running) < 2:
+                return {role: 1.0 for role in running}
+            total_share = shares[LIGHT] + shares[HEAVY]
+            return {role: shares[role] / total_share for role in running}
+
+        def dispatch(t: float) -> None:
+            for role in (LIGHT, HEAVY):
+                if role in running or not queues[role]:
+                    continue
+                model, batch = models[role], []
+                cap = min(caps[role], model.max_batch)
+                while queues[role] and len(batch) < cap:
+                    q = queues[role].popleft()
+                    if t - q.arrival + model.latency(len(batch) + 1) > c.drop_factor * p.slo_s:
+                        counts["dropped"] += 1
+                        timeline["dropped"][second(q.arrival)] += 1
+                        continue
+                    batch.append(q)
+                if batch:
+                    running[role] = [batch, model.latency(len(batch))]
+
+        def finish(role: str, t: float) -> None:
+            for q in running.pop(role)[0]:
+                if role == LIGHT and c.policy != "all-light" and q.confidence < threshold:
+                    queues[HEAVY].append(q)
+                    continue
+                latencies.append(t - q.arrival)
+                key = "on_time" if t - q.arrival <= p.slo_s + 1e-9 else "late"
+                counts[key] += 1
+                served[role] += 1
+                timeline[key][second(q.arrival)] += 1
+
+        while queries or running or any(queues.values()):
+            r = rates()
+            completion = min((now + work / r[role] for role, (_, work) in running.items()), default=math.inf)
+            arrival = queries[0].arrival if queries else math.inf
+            t = min(completion, arrival, next_replan if (queries or running) else math.inf)
+            if t == math.inf:  # queued work no model can take (a model without share): count it dropped
+                for queue in queues.values():
+                    while queue:
+                        counts["dropped"] += 1
+                        timeline["dropped"][second(queue.popleft().arrival)] += 1
+                break
+            for role in running:
+                running[role][1] -= (t - now) * r[role]
+            now = t
+            for role in [role for role, (_, work) in running.items() if work <= 1e-9]:
+                finish(role, now)
+            while queries and queries[0].arrival <= now:
+                q = queries.popleft()
+                seen += 1
+                queues[HEAVY if c.policy == "all-heavy" else LIGHT].append(q)
+            if now >= next_replan:
+                demand = self.estimator.update(seen, c.interval_s)
+                seen = 0
+                threshold, shares, caps = self._plan(demand)
+                next_replan += c.interval_s
+            s = second(now)
+            timeline["threshold"][s] = threshold
+            timeline["light_workers"][s] = shares[LIGHT] / (shares[LIGHT] + shares[HEAVY])
+            timeline["demand"][s] = self.estimator.planned()
+            dispatch(now)
+        return SimulationResult(c.policy, 1, total, counts["on_time"], counts["late"], counts["dropped"], served,
+                                timeline, {"heavy_share": served[HEAVY] / max(1, sum(served.values()))}, latencies)
