@@ -14,12 +14,10 @@ from __future__ import annotations
 import math
 from collections import deque
 
-import numpy as np
-
 from glideserve.cascade import allocator
 from glideserve.cascade.profiles import CascadeProfile
-from glideserve.cascade.simulator import (HEAVY, LIGHT, SimulationConfig, SimulationResult, _Query,
-                                          best_single_model_batch)
+from glideserve.cascade.simulator import (HEAVY, LIGHT, SimulationConfig, SimulationResult, RunTally,
+                                          best_single_model_batch, draw_queries)
 
 MIN_SHARE = 0.05  # as the live controller: a model the plan gives nothing still progresses
 
@@ -48,17 +46,8 @@ class SharedMachineSimulator:
 
     def run(self, arrivals: list[float], confidences: list[float] | None = None) -> SimulationResult:
         c, p = self.config, self.profile
-        if confidences is None:
-            rng = np.random.default_rng(c.seed)
-            confidences = [p.escalation.confidence_at(u) for u in rng.random(len(arrivals))]
-        queries = deque(_Query(t, conf) for t, conf in zip(arrivals, confidences))
-        total = len(queries)
-        seconds = int(math.ceil(arrivals[-1])) + 1 if arrivals else 1
-        timeline = {k: [0.0] * seconds for k in ("arrivals", "on_time", "late", "dropped", "threshold",
-                                                 "light_workers", "demand")}
-        counts = {"on_time": 0, "late": 0, "dropped": 0}
-        served = {LIGHT: 0, HEAVY: 0}
-        latencies: list[float] = []
+        queries = deque(draw_queries(p, c, arrivals, confidences))
+        tally = RunTally(arrivals, p.slo_s, c.drop_factor)
         queues = {LIGHT: deque(), HEAVY: deque()}
         running: dict[str, list] = {}  # role -> [batch, remaining seconds at full speed]
         models = {LIGHT: p.light, HEAVY: p.heavy}
@@ -66,11 +55,6 @@ class SharedMachineSimulator:
         next_replan = c.interval_s
         seen = 0
         now = 0.0
-        for q in queries:
-            timeline["arrivals"][min(seconds - 1, int(q.arrival))] += 1
-
-        def second(t: float) -> int:
-            return min(seconds - 1, int(t))
 
         def rates() -> dict[str, float]:
             if len(running) < 2:
@@ -80,41 +64,27 @@ class SharedMachineSimulator:
 
         def dispatch(t: float) -> None:
             for role in (LIGHT, HEAVY):
-                if role in running or not queues[role]:
-                    continue
-                model, batch = models[role], []
-                cap = min(caps[role], model.max_batch)
-                while queues[role] and len(batch) < cap:
-                    q = queues[role].popleft()
-                    if t - q.arrival + model.latency(len(batch) + 1) > c.drop_factor * p.slo_s:
-                        counts["dropped"] += 1
-                        timeline["dropped"][second(q.arrival)] += 1
-                        continue
-                    batch.append(q)
-                if batch:
-                    running[role] = [batch, model.latency(len(batch))]
+                if role not in running and queues[role]:
+                    batch = tally.take_batch(queues[role], models[role], caps[role], t)
+                    if batch:
+                        running[role] = [batch, models[role].latency(len(batch))]
 
         def finish(role: str, t: float) -> None:
             for q in running.pop(role)[0]:
                 if role == LIGHT and c.policy != "all-light" and q.confidence < threshold:
                     queues[HEAVY].append(q)
-                    continue
-                latencies.append(t - q.arrival)
-                key = "on_time" if t - q.arrival <= p.slo_s + 1e-9 else "late"
-                counts[key] += 1
-                served[role] += 1
-                timeline[key][second(q.arrival)] += 1
+                else:
+                    tally.finish(q, t, role)
 
         while queries or running or any(queues.values()):
             r = rates()
             completion = min((now + work / r[role] for role, (_, work) in running.items()), default=math.inf)
             arrival = queries[0].arrival if queries else math.inf
             t = min(completion, arrival, next_replan if (queries or running) else math.inf)
-            if t == math.inf:  # queued work no model can take (a model without share): count it dropped
+            if t == math.inf:  # queued work no model can take: count it dropped
                 for queue in queues.values():
                     while queue:
-                        counts["dropped"] += 1
-                        timeline["dropped"][second(queue.popleft().arrival)] += 1
+                        tally.drop(queue.popleft())
                 break
             for role in running:
                 running[role][1] -= (t - now) * r[role]
@@ -122,18 +92,13 @@ class SharedMachineSimulator:
             for role in [role for role, (_, work) in running.items() if work <= 1e-9]:
                 finish(role, now)
             while queries and queries[0].arrival <= now:
-                q = queries.popleft()
+                queues[HEAVY if c.policy == "all-heavy" else LIGHT].append(queries.popleft())
                 seen += 1
-                queues[HEAVY if c.policy == "all-heavy" else LIGHT].append(q)
             if now >= next_replan:
                 demand = self.estimator.update(seen, c.interval_s)
                 seen = 0
                 threshold, shares, caps = self._plan(demand)
                 next_replan += c.interval_s
-            s = second(now)
-            timeline["threshold"][s] = threshold
-            timeline["light_workers"][s] = shares[LIGHT] / (shares[LIGHT] + shares[HEAVY])
-            timeline["demand"][s] = self.estimator.planned()
+            tally.note_plan(now, threshold, shares[LIGHT] / (shares[LIGHT] + shares[HEAVY]), self.estimator.planned())
             dispatch(now)
-        return SimulationResult(c.policy, 1, total, counts["on_time"], counts["late"], counts["dropped"], served,
-                                timeline, {"heavy_share": served[HEAVY] / max(1, sum(served.values()))}, latencies)
+        return tally.result(c.policy, 1, {"heavy_share": tally.served[HEAVY] / max(1, sum(tally.served.values()))})

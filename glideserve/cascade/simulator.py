@@ -97,9 +97,81 @@ def best_single_model_batch(model: ModelProfile, slo_s: float) -> int:
 
 
 @dataclass
-class _Query:
+class SimQuery:
+    """One simulated query: when it arrived and the confidence the discriminator will give its light image."""
+
     arrival: float
     confidence: float
+
+
+def draw_queries(profile: CascadeProfile, config: SimulationConfig, arrivals: list[float],
+                 confidences: list[float] | None) -> list[SimQuery]:
+    """One query per arrival with its discriminator confidence (default: drawn from f(t), seeded)."""
+    if confidences is None:
+        rng = np.random.default_rng(config.seed)
+        confidences = [profile.escalation.confidence_at(u) for u in rng.random(len(arrivals))]
+    if len(confidences) != len(arrivals):
+        raise ValueError("need one confidence per arrival")
+    return [SimQuery(t, conf) for t, conf in zip(arrivals, confidences)]
+
+
+class RunTally:
+    """What a run counts, shared by both simulators: outcomes by the second each query arrived in,
+    the plan in force each second, and each served query's latency."""
+
+    def __init__(self, arrivals: list[float], slo_s: float, drop_factor: float):
+        self.slo_s, self.drop_factor = slo_s, drop_factor
+        self.seconds = int(math.ceil(arrivals[-1])) + 1 if arrivals else 1
+        self.timeline = {k: [0.0] * self.seconds for k in ("arrivals", "on_time", "late", "dropped", "threshold",
+                                                           "light_workers", "demand")}
+        self.counts = {"on_time": 0, "late": 0, "dropped": 0}
+        self.served = {LIGHT: 0, HEAVY: 0}
+        self.latencies: list[float] = []
+        self._filled = [False] * self.seconds
+        for t in arrivals:
+            self.timeline["arrivals"][self.second(t)] += 1
+
+    def second(self, t: float) -> int:
+        return min(self.seconds - 1, int(t))
+
+    def finish(self, q: SimQuery, t: float, role: str) -> None:
+        self.latencies.append(t - q.arrival)
+        key = "on_time" if t - q.arrival <= self.slo_s + 1e-9 else "late"
+        self.counts[key] += 1
+        self.served[role] += 1
+        self.timeline[key][self.second(q.arrival)] += 1
+
+    def drop(self, q: SimQuery) -> None:
+        self.counts["dropped"] += 1
+        self.timeline["dropped"][self.second(q.arrival)] += 1
+
+    def take_batch(self, queue: deque, model: ModelProfile, cap: int, now: float) -> list[SimQuery]:
+        """Up to ``cap`` queries from the head of ``queue``, dropping each that would end past
+        ``drop_factor`` x SLO (DiffServe's worker rule)."""
+        batch: list[SimQuery] = []
+        while queue and len(batch) < min(cap, model.max_batch):
+            q = queue.popleft()
+            if now - q.arrival + model.latency(len(batch) + 1) > self.drop_factor * self.slo_s:
+                self.drop(q)
+            else:
+                batch.append(q)
+        return batch
+
+    def note_plan(self, t: float, threshold: float, light_share: float, demand: float) -> None:
+        s = self.second(t)
+        self.timeline["threshold"][s] = threshold
+        self.timeline["light_workers"][s] = light_share
+        self.timeline["demand"][s] = demand
+        self._filled[s] = True
+
+    def result(self, policy: str, workers: int, quality: dict[str, float]) -> SimulationResult:
+        for s in range(1, self.seconds):  # seconds without an event keep the plan in force
+            if not self._filled[s]:
+                for key in ("threshold", "light_workers", "demand"):
+                    self.timeline[key][s] = self.timeline[key][s - 1]
+        total = int(sum(self.timeline["arrivals"]))
+        return SimulationResult(policy, workers, total, self.counts["on_time"], self.counts["late"],
+                                self.counts["dropped"], self.served, self.timeline, quality, self.latencies)
 
 
 @dataclass
@@ -133,18 +205,8 @@ class CascadeSimulator:
         """Simulate ``arrivals`` (sorted offsets in seconds); ``confidences`` gives each query's discriminator
         score (default: drawn from the profile's f(t))."""
         c, p = self.config, self.profile
-        if confidences is None:
-            rng = np.random.default_rng(c.seed)
-            confidences = [p.escalation.confidence_at(u) for u in rng.random(len(arrivals))]
-        if len(confidences) != len(arrivals):
-            raise ValueError("need one confidence per arrival")
-        queries = [_Query(t, conf) for t, conf in zip(arrivals, confidences)]
-        seconds = int(math.ceil(arrivals[-1])) + 1 if arrivals else 1
-        timeline = {k: [0.0] * seconds for k in ("arrivals", "on_time", "late", "dropped", "threshold",
-                                                 "light_workers", "demand")}
-        counts = {"on_time": 0, "late": 0, "dropped": 0}
-        served = {LIGHT: 0, HEAVY: 0}
-        latencies: list[float] = []
+        queries = draw_queries(p, c, arrivals, confidences)
+        tally = RunTally(arrivals, p.slo_s, c.drop_factor)
         queues = {LIGHT: deque(), HEAVY: deque()}
         roles = [LIGHT] * c.workers
         busy_until = [0.0] * c.workers
@@ -163,45 +225,24 @@ class CascadeSimulator:
             for w in range(c.workers):
                 roles[w] = LIGHT if w < new.light_workers else HEAVY
 
-        def second(t: float) -> int:
-            return min(seconds - 1, int(t))
-
-        def finish(q: _Query, t: float, model: str):
-            latencies.append(t - q.arrival)
-            key = "on_time" if t - q.arrival <= p.slo_s + 1e-9 else "late"
-            counts[key] += 1
-            served[model] += 1
-            timeline[key][second(q.arrival)] += 1
-
         def dispatch(now: float):
             for w in range(c.workers):
                 if busy_until[w] > now:
                     continue
                 role = roles[w]
                 model = p.light if role == LIGHT else p.heavy
-                cap = min(plan.light_batch if role == LIGHT else plan.heavy_batch, model.max_batch)
-                batch: list[_Query] = []
-                queue = queues[role]
-                while queue and len(batch) < cap:
-                    q = queue.popleft()
-                    if now - q.arrival + model.latency(len(batch) + 1) > c.drop_factor * p.slo_s:
-                        counts["dropped"] += 1
-                        timeline["dropped"][second(q.arrival)] += 1
-                        continue
-                    batch.append(q)
+                batch = tally.take_batch(queues[role], model, plan.light_batch if role == LIGHT else plan.heavy_batch,
+                                         now)
                 if batch:
-                    done = now + model.latency(len(batch))
-                    busy_until[w] = done
-                    push(done, "done", (w, role, batch))
+                    busy_until[w] = now + model.latency(len(batch))
+                    push(busy_until[w], "done", (w, role, batch))
 
         apply(plan)
         for q in queries:
             push(q.arrival, "arrival", q)
-            timeline["arrivals"][second(q.arrival)] += 1
         if queries:
             push(c.interval_s, "replan")
         seen_since_replan = 0
-        filled = [False] * seconds
         while events:
             now, _, kind, payload = heapq.heappop(events)
             if kind == "arrival":
@@ -213,29 +254,19 @@ class CascadeSimulator:
                     if role == LIGHT and q.confidence < plan.threshold and c.policy != "all-light":
                         queues[HEAVY].append(q)
                     else:
-                        finish(q, now, role)
+                        tally.finish(q, now, role)
             else:
                 demand = self.estimator.update(seen_since_replan, c.interval_s)
                 seen_since_replan = 0
                 apply(self._plan(demand))
                 if events:  # arrivals or batches still to come
                     push(now + c.interval_s, "replan")
-            s = second(now)
-            timeline["threshold"][s] = plan.threshold
-            timeline["light_workers"][s] = plan.light_workers
-            timeline["demand"][s] = self.estimator.planned()
-            filled[s] = True
+            tally.note_plan(now, plan.threshold, plan.light_workers, self.estimator.planned())
             dispatch(now)
         for queue in queues.values():  # only possible when no worker of that model was left
-            for q in queue:
-                counts["dropped"] += 1
-                timeline["dropped"][second(q.arrival)] += 1
-        for s in range(1, seconds):  # seconds without an event keep the plan in force
-            if not filled[s]:
-                for key in ("threshold", "light_workers", "demand"):
-                    timeline[key][s] = timeline[key][s - 1]
-        return SimulationResult(c.policy, c.workers, len(queries), counts["on_time"], counts["late"],
-                                counts["dropped"], served, timeline, self._quality(served), latencies)
+            while queue:
+                tally.drop(queue.popleft())
+        return tally.result(c.policy, c.workers, self._quality(tally.served))
 
     def _quality(self, served: dict[str, int]) -> dict[str, float]:
         """Each metric of the profile's per-model quality, averaged over the queries each model served."""
