@@ -20,7 +20,7 @@ from glideserve.errors import ModelLoadError
 from glideserve.models.spec import ModelSpec
 from glideserve.runner.families.registry import family_for_pipeline_class
 
-BUNDLED_MODELS = ("glide-small", "glide-tiny", "glide-base")
+BUNDLED_MODELS = ("glide-small", "glide-tiny", "glide-base", "glide-turbo")
 SERVING_DEFAULTS_FILE = "serving.json"
 log = logging.getLogger(__name__)
 
