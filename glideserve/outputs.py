@@ -74,8 +74,8 @@ class CascadeVerdict:
     reason: str
 
     def as_dict(self) -> dict:
-        return {"light_model": self.light_model, "confidence": round(self.confidence, 6),
-                "threshold": round(self.threshold, 6), "escalated": self.escalated, "reason": self.reason}
+        return {"light_model": self.light_model, "confidence": float(f"{self.confidence:.6g}"),
+                "threshold": float(f"{self.threshold:.6g}"), "escalated": self.escalated, "reason": self.reason}
 
 
 @dataclass

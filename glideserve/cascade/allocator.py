@@ -51,7 +51,7 @@ class Allocation:
     unmet_demand: float = 0.0
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
 def stage_latency(profile, index: int) -> float:

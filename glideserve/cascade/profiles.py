@@ -77,11 +77,14 @@ class EscalationProfile:
 
     @classmethod
     def from_scores(cls, confidences, points: int = 201) -> "EscalationProfile":
-        """f(t) measured from discriminator confidences on a grid of ``points`` thresholds in [0, 1]."""
+        """f(t) measured from discriminator confidences, at ``points`` thresholds evenly spaced in [0, 1] and
+        at ``points`` quantiles of the scores (a discriminator sure of most light images puts them all
+        within 0.01 of 0: the quantiles keep that range as finely measured as the rest)."""
         scores = np.sort(np.asarray(confidences, dtype=np.float64))
         if scores.size == 0:
             raise ValueError("need at least one confidence score to measure f(t)")
-        grid = np.linspace(0.0, 1.0, points)
+        grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, points),
+                                         np.quantile(scores, np.linspace(0.0, 1.0, points))]))
         fractions = np.searchsorted(scores, grid, side="left") / scores.size  # share strictly below t
         return cls(tuple(float(t) for t in grid), tuple(float(f) for f in fractions))
 
@@ -98,8 +101,12 @@ class EscalationProfile:
         return float(np.interp(threshold, t, f))
 
     def grid(self, points: int = 201) -> tuple[np.ndarray, np.ndarray]:
-        """``points`` thresholds evenly spaced in [0, 1] and f at each (DiffServe's 201-value grid)."""
-        thresholds = np.linspace(0.0, 1.0, points)
+        """Thresholds for the allocator and f at each: ``points`` evenly spaced in [0, 1] (DiffServe's
+        201-value grid) and the ``points`` thresholds that escalate 0, 1/(points-1), ..., 1 of the queries,
+        so a choice between escalation shares is as fine wherever the confidences crowd."""
+        even = np.linspace(0.0, 1.0, points)
+        by_share = [self.confidence_at(q) for q in even]
+        thresholds = np.unique(np.concatenate([even, by_share]))
         return thresholds, np.array([self(t) for t in thresholds])
 
     def confidence_at(self, quantile: float) -> float:
@@ -108,7 +115,7 @@ class EscalationProfile:
         return float(np.interp(quantile, f, t))
 
     def as_dict(self) -> dict[str, float]:
-        return {f"{t:g}": f for t, f in zip(self.thresholds, self.fractions)}
+        return {f"{t:.6g}": f for t, f in zip(self.thresholds, self.fractions)}
 
 
 @dataclass(frozen=True)

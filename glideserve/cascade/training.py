@@ -52,7 +52,7 @@ def evaluate(disc: disc_mod.Discriminator, real: list, generated: list, captions
     real_scores = disc.confidence(real)
     fake_scores = disc.confidence(generated)
     accuracy = (np.sum(real_scores >= 0.5) + np.sum(fake_scores < 0.5)) / (len(real_scores) + len(fake_scores))
-    f = EscalationProfile.from_scores(fake_scores, points=21)
+    f = EscalationProfile.from_scores(fake_scores, points=201)  # DiffServe's grid: the useful thresholds may all be small
     levels = {}
     difficulty = np.array([scenes.parse_caption(c).difficulty for c in captions])
     for level in scenes.DIFFICULTIES:
