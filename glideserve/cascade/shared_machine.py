@@ -69,10 +69,20 @@ class SharedMachineSimulator:
                     if batch:
                         running[role] = [batch, models[role].latency(len(batch))]
 
+        def admits(q, t: float, role: str) -> bool:
+            if not c.admission:
+                return True
+            speed = shares[role] / (shares[LIGHT] + shares[HEAVY])
+            ahead = len(queues[role]) + (len(running[role][0]) if role in running else 0)
+            return tally.admits(q, t, ahead, models[role], caps[role], 1, speed, c.admission_margin)
+
         def finish(role: str, t: float) -> None:
             for q in running.pop(role)[0]:
                 if role == LIGHT and c.policy != "all-light" and q.confidence < threshold:
-                    queues[HEAVY].append(q)
+                    if admits(q, t, HEAVY):
+                        queues[HEAVY].append(q)
+                    else:  # the heavy model would be late: the light image answers
+                        tally.finish(q, t, LIGHT)
                 else:
                     tally.finish(q, t, role)
 
@@ -92,8 +102,12 @@ class SharedMachineSimulator:
             for role in [role for role, (_, work) in running.items() if work <= 1e-9]:
                 finish(role, now)
             while queries and queries[0].arrival <= now:
-                queues[HEAVY if c.policy == "all-heavy" else LIGHT].append(queries.popleft())
+                q, role = queries.popleft(), HEAVY if c.policy == "all-heavy" else LIGHT
                 seen += 1
+                if admits(q, now, role):
+                    queues[role].append(q)
+                else:
+                    tally.drop(q)  # refused at arrival
             if now >= next_replan:
                 demand = self.estimator.update(seen, c.interval_s)
                 seen = 0

@@ -47,6 +47,10 @@ class SimulationConfig:
     headroom: float = 1.2
     seed: int = 0
     shared_machine: bool = False  # one machine whose step time both models share (glideserve.cascade.shared_machine)
+    # glideserve's rule on top of DiffServe's: refuse at arrival a query predicted to end past its SLO (less
+    # this margin of it), and answer with the light image an escalation the heavy model would finish late.
+    admission: bool = False
+    admission_margin: float = 0.15
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -157,6 +161,17 @@ class RunTally:
                 batch.append(q)
         return batch
 
+    def admits(self, q: SimQuery, now: float, queued: int, model: ModelProfile, cap: int, workers: int,
+               speed: float, margin: float) -> bool:
+        """Whether ``q`` is predicted to end within its SLO (less ``margin`` of it) behind ``queued`` queries
+        (waiting or running) on ``workers`` workers of ``model`` running batches of ``cap`` at ``speed`` (1: a whole worker)."""
+        if workers < 1 or speed <= 0:
+            return False
+        cap = max(1, min(cap, model.max_batch))
+        rounds = queued // (workers * cap) + 1
+        finish = now + rounds * model.latency(min(cap, queued + 1)) / speed
+        return finish - q.arrival <= (1.0 - margin) * self.slo_s
+
     def note_plan(self, t: float, threshold: float, light_share: float, demand: float) -> None:
         s = self.second(t)
         self.timeline["threshold"][s] = threshold
@@ -210,6 +225,7 @@ class CascadeSimulator:
         queues = {LIGHT: deque(), HEAVY: deque()}
         roles = [LIGHT] * c.workers
         busy_until = [0.0] * c.workers
+        in_flight = {LIGHT: 0, HEAVY: 0}
         plan = self._plan(0.0)
         events: list[tuple[float, int, str, object]] = []  # (time, tiebreak, kind, payload)
         order = 0
@@ -225,6 +241,15 @@ class CascadeSimulator:
             for w in range(c.workers):
                 roles[w] = LIGHT if w < new.light_workers else HEAVY
 
+        def admits(q: SimQuery, now: float, role: str) -> bool:
+            if not c.admission:
+                return True
+            model = p.light if role == LIGHT else p.heavy
+            workers = roles.count(role)
+            cap = plan.light_batch if role == LIGHT else plan.heavy_batch
+            ahead = len(queues[role]) + in_flight[role]
+            return tally.admits(q, now, ahead, model, cap, workers, 1.0, c.admission_margin)
+
         def dispatch(now: float):
             for w in range(c.workers):
                 if busy_until[w] > now:
@@ -235,6 +260,7 @@ class CascadeSimulator:
                                          now)
                 if batch:
                     busy_until[w] = now + model.latency(len(batch))
+                    in_flight[role] += len(batch)
                     push(busy_until[w], "done", (w, role, batch))
 
         apply(plan)
@@ -247,12 +273,20 @@ class CascadeSimulator:
             now, _, kind, payload = heapq.heappop(events)
             if kind == "arrival":
                 seen_since_replan += 1
-                queues[HEAVY if c.policy == "all-heavy" else LIGHT].append(payload)
+                role = HEAVY if c.policy == "all-heavy" else LIGHT
+                if admits(payload, now, role):
+                    queues[role].append(payload)
+                else:
+                    tally.drop(payload)  # refused at arrival
             elif kind == "done":
                 _, role, batch = payload
+                in_flight[role] -= len(batch)
                 for q in batch:
                     if role == LIGHT and q.confidence < plan.threshold and c.policy != "all-light":
-                        queues[HEAVY].append(q)
+                        if admits(q, now, HEAVY):
+                            queues[HEAVY].append(q)
+                        else:  # the heavy model would be late: the light image answers
+                            tally.finish(q, now, LIGHT)
                     else:
                         tally.finish(q, now, role)
             else:

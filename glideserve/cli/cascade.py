@@ -140,6 +140,9 @@ def simulate(
     seed: int = typer.Option(0, "--seed"),
     shared_machine: bool = typer.Option(False, "--shared-machine", help="One machine whose step time both "
                                         "models share, as `glideserve serve --cascade` runs (--workers 1)."),
+    admission: bool = typer.Option(False, "--admission", help="Also glideserve's admission rule: refuse a query "
+                                   "predicted late, and answer with the light image an escalation the heavy "
+                                   "model would finish late (default: DiffServe's workers, which only drop)."),
     rate: Optional[float] = typer.Option(None, "--rate", min=0.001, help="Fit the whole trace into --duration "
                                          "at this mean rate (as `glideserve bench cascade` does)."),
     duration: Optional[float] = typer.Option(None, "--duration", min=1.0),
@@ -160,7 +163,7 @@ def simulate(
         schedule = make_schedule("trace", rate=rate, duration_s=duration, trace=path, seed=seed)
         profile = load_profiles(profiles, light, heavy, cascade, slo_s)
         configs = [SimulationConfig(workers, p, interval_s=interval_s, static_threshold=static_threshold, seed=seed,
-                                    shared_machine=shared_machine) for p in policy]
+                                    shared_machine=shared_machine, admission=admission) for p in policy]
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"{path.name}: {len(schedule)} queries over {schedule.span_s:.0f} s ({schedule.mean_rate:.1f}/s); "
@@ -180,12 +183,14 @@ def simulate(
         meta = {"trace": path.name, "workers": workers, "light": light, "heavy": heavy, "slo_s": profile.slo_s,
                 "static_threshold": static_threshold, "interval_s": interval_s}
         (out / "results.json").write_text(json.dumps({**meta, "results": [r.as_dict() for r in results]}) + "\n")
-        plot_simulation(results, out / "simulation.png", title=f"{path.name}, {workers} workers")
+        plot_simulation(results, out / "simulation.png", title=f"{path.name}, {workers} workers",
+                        escalation=profile.escalation)
         typer.echo(f"wrote {out / 'results.json'} and {out / 'simulation.png'}")
 
 
-def _policy_timelines(result) -> dict[str, dict[str, list[float]]]:
-    """Per policy and second: arrivals, violations and, from the polled metrics, threshold and light share."""
+def _policy_timelines(result, escalation=None) -> dict[str, dict[str, list[float]]]:
+    """Per policy and second: arrivals, violations and, from the polled metrics, threshold and light share
+    (with ``escalation``, f, also the planned escalated share)."""
     seconds = int(result.config.duration_s) + 1
     timelines = {}
     for policy, entry in result.policies.items():
@@ -205,7 +210,20 @@ def _policy_timelines(result) -> dict[str, dict[str, list[float]]]:
                 sample = next(samples, None)
             threshold[s], share[s], demand[s] = fixed + (0.0,) if fixed else last
         timelines[policy] = {**timeline, "threshold": threshold, "light_workers": share, "demand": demand}
+        if escalation is not None:
+            timelines[policy]["escalated_plan"] = [escalation(t) for t in threshold]
     return timelines
+
+
+def _escalation(bench):
+    """f(t) of the benchmark's discriminator (the light model's bundled one by default)."""
+    from glideserve.cascade import discriminator as disc_mod
+    from glideserve.cascade.profiles import EscalationProfile
+    from glideserve.cascade.serving import BUNDLED_DISCRIMINATORS
+
+    folder = bench.discriminator or BUNDLED_DISCRIMINATORS / Path(bench.light).name
+    points = sorted((float(t), f) for t, f in disc_mod.load(folder).report["escalated_fraction_at_threshold"].items())
+    return EscalationProfile(tuple(t for t, _ in points), tuple(f for _, f in points))
 
 
 def cascade_report(result) -> str:
@@ -278,7 +296,8 @@ def bench_cascade(
     (out / "results.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
     report = cascade_report(result)
     (out / "report.md").write_text(report)
-    plot_timelines(_policy_timelines(result), out / "timeline.png", title=f"{light} -> {heavy}, {path.name} shape")
+    plot_timelines(_policy_timelines(result, _escalation(bench)), out / "timeline.png",
+                   title=f"{light} -> {heavy}, {path.name} shape")
     typer.echo(report)
     typer.echo(f"results in {out}")
 

@@ -77,3 +77,20 @@ def test_shared_machine_alone_matches_one_worker():
     one_worker = simulate(_profile(1.5), arrivals, SimulationConfig(1, "all-light"))
     shared = simulate(_profile(1.5), arrivals, SimulationConfig(1, "all-light", shared_machine=True))
     assert (shared.on_time, shared.late, shared.dropped) == (one_worker.on_time, one_worker.late, one_worker.dropped)
+
+
+def test_admission_refuses_what_would_be_late_and_answers_late_escalations_with_the_light_image():
+    # One light worker, 1 s per query, SLO 1.5 s less a 0.15 margin: a query may be predicted to end
+    # within 1.275 s. q0 runs alone (1 s): admitted. q1 arrives behind it (2 s): refused at once.
+    result = simulate(_profile(1.5), [0.0, 0.0], SimulationConfig(1, "all-light", admission=True))
+    assert (result.on_time, result.late, result.dropped) == (1, 0, 1)
+    # A static cascade (one light, one heavy worker; SLO 6 s, so 5.1 s with the margin), both queries
+    # escalate: q0 light 0-1, heavy 1-3. q1 light 1-2; behind q0 the heavy model would end it at 6 s, so the
+    # light image answers at 2 s. Without admission q1 goes on to the heavy model (3-5 s).
+    config = SimulationConfig(2, "static", static_threshold=0.5, admission=True)
+    cascade = simulate(_profile(6.0), [0.0, 0.0], config, confidences=[0.1, 0.1])
+    assert cascade.served_by == {"light": 1, "heavy": 1} and cascade.on_time == 2
+    assert sorted(cascade.latencies) == pytest.approx([2.0, 3.0])
+    without = simulate(_profile(6.0), [0.0, 0.0], SimulationConfig(2, "static", static_threshold=0.5),
+                       confidences=[0.1, 0.1])
+    assert without.served_by == {"light": 0, "heavy": 2}
