@@ -16,8 +16,8 @@ from collections import deque
 
 from glideserve.cascade import allocator
 from glideserve.cascade.profiles import CascadeProfile
-from glideserve.cascade.simulator import (HEAVY, LIGHT, SimulationConfig, SimulationResult, RunTally,
-                                          best_single_model_batch, draw_queries)
+from glideserve.cascade.simulator import (HEAVY, LIGHT, RunTally, SimulationConfig, SimulationResult,
+                                          best_single_model_batch, complete_batch, draw_queries)
 
 MIN_SHARE = 0.05  # as the live controller: a model the plan gives nothing still progresses
 
@@ -77,14 +77,8 @@ class SharedMachineSimulator:
             return tally.admits(q, t, ahead, models[role], caps[role], 1, speed, c.admission_margin)
 
         def finish(role: str, t: float) -> None:
-            for q in running.pop(role)[0]:
-                if role == LIGHT and c.policy != "all-light" and q.confidence < threshold:
-                    if admits(q, t, HEAVY):
-                        queues[HEAVY].append(q)
-                    else:  # the heavy model would be late: the light image answers
-                        tally.finish(q, t, LIGHT)
-                else:
-                    tally.finish(q, t, role)
+            complete_batch(tally, running.pop(role)[0], role, t, threshold, c.policy, queues[HEAVY],
+                           lambda q: admits(q, t, HEAVY))
 
         while queries or running or any(queues.values()):
             r = rates()

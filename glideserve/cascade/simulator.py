@@ -189,6 +189,21 @@ class RunTally:
                                 self.counts["dropped"], self.served, self.timeline, quality, self.latencies)
 
 
+def complete_batch(tally: RunTally, batch: list[SimQuery], role: str, now: float, threshold: float, policy: str,
+                   heavy_queue: deque, heavy_admits) -> None:
+    """Route each query of a batch that finished at ``now``: a light answer below ``threshold`` goes on to
+    the heavy queue (or, when ``heavy_admits(q)`` says the heavy model would be late, the light image
+    answers it); every other query is answered by ``role``."""
+    for q in batch:
+        if role == LIGHT and policy != "all-light" and q.confidence < threshold:
+            if heavy_admits(q):
+                heavy_queue.append(q)
+            else:
+                tally.finish(q, now, LIGHT)
+        else:
+            tally.finish(q, now, role)
+
+
 @dataclass
 class _Plan:
     threshold: float
@@ -281,14 +296,8 @@ class CascadeSimulator:
             elif kind == "done":
                 _, role, batch = payload
                 in_flight[role] -= len(batch)
-                for q in batch:
-                    if role == LIGHT and q.confidence < plan.threshold and c.policy != "all-light":
-                        if admits(q, now, HEAVY):
-                            queues[HEAVY].append(q)
-                        else:  # the heavy model would be late: the light image answers
-                            tally.finish(q, now, LIGHT)
-                    else:
-                        tally.finish(q, now, role)
+                complete_batch(tally, batch, role, now, plan.threshold, c.policy, queues[HEAVY],
+                               lambda q: admits(q, now, HEAVY))
             else:
                 demand = self.estimator.update(seen_since_replan, c.interval_s)
                 seen_since_replan = 0
