@@ -21,7 +21,7 @@ from glideserve.server.limits import BodyTimeoutMiddleware
 from glideserve.errors import LoraUploadsDisabledError
 from glideserve.server.protocol import (ErrorResponse, HealthResponse, LoraCard, LoraDeleted, LoraList, ModelCard,
                                         ModelList, ServerStats)
-from glideserve.server.state import ServerConfig, ServerState
+from glideserve.server.state import CASCADE_MODEL_NAME, ServerConfig, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,15 @@ def _v1_router() -> APIRouter:
         """The models this server serves, the default first, with their defaults and whether they are loaded."""
         state = get_state(request)
         cards = state.model_cards()
-        return ModelList(data=[ModelCard(id=c["name"], created=state.created, family=c.get("family"),
-                                         default_size=c.get("default_size"), default_steps=c.get("default_steps"),
-                                         loaded=c.get("loaded", True), default=i == 0)
-                               for i, c in enumerate(cards)])
+        data = [ModelCard(id=c["name"], created=state.created, family=c.get("family"),
+                          default_size=c.get("default_size"), default_steps=c.get("default_steps"),
+                          loaded=c.get("loaded", True), default=i == 0 and state.cascade is None)
+                for i, c in enumerate(cards)]
+        if state.cascade is not None:  # the default: each stage runs at its own model's defaults
+            heavy = next(c for c in cards if c["name"] == state.cascade.config.heavy)
+            data.insert(0, ModelCard(id=CASCADE_MODEL_NAME, created=state.created, family=heavy.get("family"),
+                                     default_size=heavy.get("default_size"), default=True))
+        return ModelList(data=data)
 
     @router.get("/loras", response_model=LoraList)
     async def list_loras(request: Request, model: str | None = MODEL_QUERY) -> LoraList:

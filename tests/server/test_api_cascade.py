@@ -69,6 +69,12 @@ def test_the_cascade_escalates_exactly_the_requests_below_its_threshold(cascade_
     assert 'glideserve_cascade_requests_total{served_by="heavy"}' in metrics
 
 
+def test_models_list_the_cascade_first_as_the_default(cascade_server):
+    cards = httpx.get(f"{cascade_server.api}/models").json()["data"]
+    assert [c["id"] for c in cards] == ["cascade", "heavy", "light"]
+    assert [c["default"] for c in cards] == [True, False, False]
+
+
 def test_opting_out_or_naming_a_model_skips_the_cascade(cascade_server):
     cascade_server.backend.controller.threshold = 1.0  # everything in the cascade would escalate
     direct = _generate(cascade_server, **_body(1, cascade=False))
@@ -124,3 +130,39 @@ def test_cascade_option_parsing():
                          "threshold"), ("light=a,heavy=b,speed=3", "no key"), ("light", "KEY=VALUE")]:
         with pytest.raises(ValueError, match=message):
             CascadeConfig.parse(bad)
+
+
+def test_a_drain_answers_every_admitted_cascade_request(tiny_model, disc_folder):
+    import signal
+    import threading
+    import time
+
+    live = _cascade_server(tiny_model, disc_folder, threshold=1.0)  # every request would escalate
+    answers: dict[int, httpx.Response] = {}
+
+    def send(seed: int) -> None:
+        body = _body(seed, num_inference_steps=12)
+        answers[seed] = httpx.post(f"{live.api}/images/generations", json=body, timeout=120)
+
+    with live:
+        threads = [threading.Thread(target=send, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while True:  # all four admitted, the light stage under way
+            stats = live.backend.stats()
+            if stats.num_running + stats.num_waiting == 4 and stats.num_running > 0:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        live._server.handle_exit(signal.SIGTERM, None)
+        for thread in threads:
+            thread.join(timeout=120)
+    assert sorted(answers) == [0, 1, 2, 3]
+    for response in answers.values():
+        assert response.status_code == 200, response.text
+        data = response.json()["data"][0]
+        verdict = data["cascade"]
+        # Escalated and answered by the heavy model, or refused by it while draining and answered by the
+        # light image: never lost.
+        assert (data["served_by"], verdict["reason"]) in {("heavy", "below_threshold"), ("light", "heavy_refused")}
