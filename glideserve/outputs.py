@@ -64,8 +64,8 @@ class CascadeVerdict:
     """Why a cascade answered as it did: the discriminator's ``confidence`` in the light model's
     image, the ``threshold`` in force, and whether the request was sent on to the heavy model
     (``escalated``). ``reason`` is ``"confident"``, ``"below_threshold"`` or ``"heavy_refused"``
-    (escalation was needed, but the heavy model could not take the request in time: the light
-    image is the answer)."""
+    (escalation was needed, but the heavy model could not take the request in time, or dropped it
+    once it fell behind its deadline: the light image is the answer)."""
 
     light_model: str
     confidence: float

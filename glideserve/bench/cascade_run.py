@@ -216,7 +216,7 @@ def run_cascade_bench(bench: CascadeBench, out: Path, log=print, toy_clip=None, 
     prompts = scene_prompts(bench.per_level, bench.seed)
     out.mkdir(parents=True, exist_ok=True)
     with ServerProcess("glideserve", bench.heavy, log_path=out / "heavy-alone.log",
-                       ready_timeout_s=bench.ready_timeout_s).start() as heavy:
+                       ready_timeout_s=bench.ready_timeout_s) as heavy:
         isolated = asyncio.run(measure_isolated_latency(heavy.url, prompts, RequestTemplate(), count=5))
         capacity = asyncio.run(_burst_capacity(heavy.url, prompts, 16, timeout_s))
     slo_s = bench.slo_scale * isolated
@@ -230,7 +230,7 @@ def run_cascade_bench(bench: CascadeBench, out: Path, log=print, toy_clip=None, 
         model, args = bench.server(policy, 1000 * slo_s)
         log(f"{policy}: serving {model} {' '.join(args)}")
         with ServerProcess("glideserve", model, log_path=out / f"{policy}.log", extra_args=args,
-                           ready_timeout_s=bench.ready_timeout_s).start() as server:
+                           ready_timeout_s=bench.ready_timeout_s) as server:
             records, samples = asyncio.run(_run_policy(server.url, schedule, prompts, slo_s, timeout_s))
         levels = score_policy(records, bench.duration_s, toy_clip)
         result.policies[policy] = {"levels": levels, "timeline": per_second(records, seconds), "samples": samples}

@@ -52,6 +52,8 @@ class ServerProcess:
         self._process: psutil.Process | None = None
 
     def start(self) -> "ServerProcess":
+        if self._popen is not None:  # a second start would orphan the first server, still running
+            raise RuntimeError("this server was started already; use either start() or `with`, not both")
         command = serve_command(self.system, self.model, self.port, self.extra_args)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:

@@ -18,7 +18,9 @@ variable per (model, batch size) pair, bounded by the one-hot choice.
 
 When even the lightest plan cannot carry D, the throughput constraints get slack variables whose
 cost dominates the objective: the solver then serves as much demand as possible, and the plan says
-it is ``overloaded``. The same code sizes replicas in a cluster and workers in the simulator.
+it is ``overloaded``. Likewise when no batch sizes fit the SLO (the measured latencies grew under
+load, say): a slack on the latency row, priced above everything, makes the solver take the fastest
+batches and keep planning the threshold and capacity, rather than fail and leave a stale plan. The same code sizes replicas in a cluster and workers in the simulator.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ class Allocation:
     light_batch: int
     heavy_batch: int
     demand: float
-    overloaded: bool  # the plan cannot carry ``demand``; it serves as much as it can
+    overloaded: bool  # the plan cannot carry ``demand`` (or fit the SLO); it does the best it can
     unmet_demand: float = 0.0
+    over_slo_s: float = 0.0  # by how much even the fastest batches overrun the SLO
 
     def as_dict(self) -> dict:
         return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -77,13 +80,14 @@ def solve(profile: CascadeProfile, demand: float, capacity: float = 1.0, *, inte
         fractions = np.array([profile.escalation(fixed_threshold)])
     light, heavy = profile.light, profile.heavy
     n1, n2, nt = len(light.batch_sizes), len(heavy.batch_sizes), len(thresholds)
-    # Variable layout: [z1 (n1) | z2 (n2) | u1 (n1) | u2 (n2) | y (nt) | slack1 | slack2]
+    # Variable layout: [z1 (n1) | z2 (n2) | u1 (n1) | u2 (n2) | y (nt) | slack1 | slack2 | late]
     # z: one-hot batch size; u: capacity at that batch size (<= capacity * z); y: one-hot threshold.
     z1, z2 = 0, n1
     u1, u2 = n1 + n2, 2 * n1 + n2
     y = 2 * (n1 + n2)
     s1, s2 = y + nt, y + nt + 1
-    size = s2 + 1
+    late = s2 + 1  # seconds by which the fastest batches still overrun the SLO (0 when any plan fits)
+    size = late + 1
 
     rows, lower, upper = [], [], []
 
@@ -110,11 +114,13 @@ def solve(profile: CascadeProfile, demand: float, capacity: float = 1.0, *, inte
     add(heavy_row, 0.0, np.inf)
     latency = {z1 + k: stage_latency(light, k) for k in range(n1)}
     latency.update({z2 + k: stage_latency(heavy, k) for k in range(n2)})
+    latency[late] = -1.0
     add(latency, -np.inf, profile.slo_s)
 
     cost = np.zeros(size)
     cost[y:y + nt] = -np.asarray(thresholds)  # milp minimises
     cost[s1] = cost[s2] = _SLACK_COST
+    cost[late] = _SLACK_COST * 1e3  # a plan that fits the SLO always wins; else the fastest batches
     # A tiny price on capacity picks the leanest plan among equally good ones.
     cost[u1:u2 + n2] = 1e-6
     integrality = np.zeros(size)
@@ -129,21 +135,18 @@ def solve(profile: CascadeProfile, demand: float, capacity: float = 1.0, *, inte
     result = milp(cost, constraints=LinearConstraint(np.array(rows), lower, upper),
                   integrality=integrality, bounds=Bounds(np.zeros(size), upper_bounds))
     if result.x is None:
-        # Only the latency row can make the problem infeasible (slack absorbs throughput): no batch
-        # size pair fits the SLO even unloaded.
-        raise ValueError(f"no batch sizes fit the SLO of {profile.slo_s:g} s "
-                         f"({light.name} at {light.latency_s[0]:g} s + {heavy.name} at {heavy.latency_s[0]:g} s "
-                         f"per batch of {light.batch_sizes[0]}, x{STAGE_LATENCY_FACTOR:g} for queueing)")
+        raise RuntimeError(f"the allocation MILP found no solution ({result.message})")
     x = result.x
     k1 = int(np.argmax(x[z1:z1 + n1]))
     k2 = int(np.argmax(x[z2:z2 + n2]))
     j = int(np.argmax(x[y:y + nt]))
     unmet = float(x[s1] + x[s2])
+    over_slo = float(x[late])
     return Allocation(
         threshold=float(thresholds[j]), escalated_fraction=float(fractions[j]),
         light_capacity=float(x[u1 + k1]), heavy_capacity=float(x[u2 + k2]),
         light_batch=light.batch_sizes[k1], heavy_batch=heavy.batch_sizes[k2], demand=float(demand),
-        overloaded=unmet > 1e-6, unmet_demand=unmet)
+        overloaded=unmet > 1e-6 or over_slo > 1e-6, unmet_demand=unmet, over_slo_s=over_slo)
 
 
 def split_workers(total: int, allocation: Allocation) -> tuple[int, int]:

@@ -129,7 +129,7 @@ class ThresholdController:
             await asyncio.sleep(self.config.interval_s)
             try:
                 self.replan()
-            except ValueError as exc:  # e.g. no batch fits the SLO: keep the last plan, say why
+            except (ValueError, RuntimeError) as exc:  # no latency profile yet, say: keep the last plan
                 log.warning("cascade allocation failed, keeping threshold %.3f: %s", self.threshold, exc)
 
     def start(self) -> None:
@@ -198,6 +198,13 @@ class CascadeStream:
             yield light_result
             return
         async for event in self._current:
+            if isinstance(event, RequestFailed) and event.reason != "aborted" and not self._aborted:
+                # Admitted, then dropped (it fell behind its deadline) or failed: the light image is the answer.
+                light_result.cascade = b.record(dataclasses.replace(verdict, escalated=False, reason="heavy_refused"))
+                log.info("cascade %s: heavy model gave up (%s); answering with the light image", self.request_id,
+                         event.reason)
+                yield light_result
+                return
             if isinstance(event, GenerationResult):
                 event.cascade = b.record(verdict)
                 event.timings.total_s = time.monotonic() - self._arrival

@@ -97,3 +97,13 @@ def test_toy_captions_are_deterministic():
     assert toy_captions(4, seed=1) == toy_captions(4, seed=1)
     for caption in toy_captions(20):
         assert caption.startswith("a ") and caption.endswith(" background")
+
+
+def test_a_server_process_starts_once(tmp_path):
+    """`with ServerProcess(...).start()` would start a second server and orphan the first: refused."""
+    from glideserve.bench.server_process import ServerProcess
+
+    server = ServerProcess("glideserve", "glide-tiny", log_path=tmp_path / "server.log")
+    server._popen = object()  # as after start()
+    with pytest.raises(RuntimeError, match="started already"):
+        server.start()
