@@ -34,6 +34,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from glideserve.cascade.profiles import CascadeProfile
 
 THRESHOLD_POINTS = 201
+MIN_SHARE = 0.05  # the least share of step time a model gets on one machine (see step_shares)
 STAGE_LATENCY_FACTOR = 2.0  # a batch's own latency plus at most one batch ahead of it (see module docstring)
 _SLACK_COST = 1e3  # per query/s of unmet demand; outweighs any threshold gain (thresholds lie in [0, 1])
 
@@ -71,13 +72,12 @@ def solve(profile: CascadeProfile, demand: float, capacity: float = 1.0, *, inte
         raise ValueError(f"demand must be a finite number >= 0, got {demand}")
     if not capacity > 0:
         raise ValueError(f"capacity must be positive, got {capacity}")
+    if fixed_threshold is not None:
+        thresholds = np.array([fixed_threshold])
     if thresholds is None:
         thresholds, fractions = profile.escalation.grid(THRESHOLD_POINTS)
     else:
         fractions = np.array([profile.escalation(t) for t in thresholds])
-    if fixed_threshold is not None:
-        thresholds = np.array([fixed_threshold])
-        fractions = np.array([profile.escalation(fixed_threshold)])
     light, heavy = profile.light, profile.heavy
     n1, n2, nt = len(light.batch_sizes), len(heavy.batch_sizes), len(thresholds)
     # Variable layout: [z1 (n1) | z2 (n2) | u1 (n1) | u2 (n2) | y (nt) | slack1 | slack2 | late]
@@ -147,6 +147,12 @@ def solve(profile: CascadeProfile, demand: float, capacity: float = 1.0, *, inte
         light_capacity=float(x[u1 + k1]), heavy_capacity=float(x[u2 + k2]),
         light_batch=light.batch_sizes[k1], heavy_batch=heavy.batch_sizes[k2], demand=float(demand),
         overloaded=unmet > 1e-6 or over_slo > 1e-6, unmet_demand=unmet, over_slo_s=over_slo)
+
+
+def step_shares(allocation: Allocation) -> tuple[float, float]:
+    """Light and heavy shares of one machine's step time for a plan, each at least ``MIN_SHARE``: a model
+    the plan gives nothing still steps now and then (requests may name it directly)."""
+    return max(MIN_SHARE, allocation.light_capacity), max(MIN_SHARE, allocation.heavy_capacity)
 
 
 def split_workers(total: int, allocation: Allocation) -> tuple[int, int]:

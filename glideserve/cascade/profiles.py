@@ -76,6 +76,12 @@ class EscalationProfile:
             raise ValueError("f(t) must not decrease as t grows")
 
     @classmethod
+    def from_table(cls, table: dict) -> "EscalationProfile":
+        """f(t) from a ``{"t": f(t)}`` table, as profiles files and discriminator reports store it."""
+        points = sorted((float(t), float(f)) for t, f in table.items())
+        return cls(tuple(t for t, _ in points), tuple(f for _, f in points))
+
+    @classmethod
     def from_scores(cls, confidences, points: int = 201) -> "EscalationProfile":
         """f(t) measured from discriminator confidences, at ``points`` thresholds evenly spaced in [0, 1] and
         at ``points`` quantiles of the scores (a discriminator sure of most light images puts them all
@@ -149,8 +155,7 @@ def load_profiles(path: Path, light: str, heavy: str, cascade: str | None = None
     key = cascade or light
     if key not in tables:
         raise ValueError(f"no f(t) table {key!r} in {path}; choose one of {', '.join(tables) or 'none'}")
-    points = sorted((float(t), float(f)) for t, f in tables[key].items())
-    escalation = EscalationProfile(tuple(t for t, _ in points), tuple(f for _, f in points))
+    escalation = EscalationProfile.from_table(tables[key])
     if slo_s is None:
         slos = raw.get("slo_s", {})
         candidates = [v for k, v in slos.items() if k.startswith(key) or k == f"{light}_{heavy}"]

@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 BUNDLED_DISCRIMINATORS = Path(__file__).resolve().parents[1] / "data" / "discriminators"
 PROFILE_BATCHES = (1, 2, 4, 8)
-MIN_SHARE = 0.05  # a model the plan gives nothing still steps now and then: requests may name it directly
+
+
+def default_discriminator(light: str) -> str:
+    """The bundled discriminator folder of a light model (named after it)."""
+    return str(BUNDLED_DISCRIMINATORS / Path(light).name)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class CascadeConfig:
         interval = float(fields.get("interval", 5.0))
         if not 0.1 <= interval <= 3600:
             raise ValueError(f"--cascade interval must be 0.1..3600 seconds, got {interval}")
-        disc = fields.get("discriminator") or str(BUNDLED_DISCRIMINATORS / Path(fields["light"]).name)
+        disc = fields.get("discriminator") or default_discriminator(fields["light"])
         return cls(fields["light"], fields["heavy"], disc, value, interval)
 
 
@@ -99,7 +103,6 @@ class ThresholdController:
         self.estimator = allocator.DemandEstimator()
         self.arrivals = 0
         self.last_plan: allocator.Allocation | None = None
-        self.history: list[dict] = []
         self._since = clock()
         self._task: asyncio.Task | None = None
 
@@ -117,11 +120,9 @@ class ThresholdController:
             return None
         plan = allocator.solve(self.profile(), demand, 1.0, fixed_threshold=self.config.threshold)
         self.threshold = plan.threshold
-        self.models.set_shares({self.config.light: max(MIN_SHARE, plan.light_capacity),
-                                self.config.heavy: max(MIN_SHARE, plan.heavy_capacity)})
+        light_share, heavy_share = allocator.step_shares(plan)
+        self.models.set_shares({self.config.light: light_share, self.config.heavy: heavy_share})
         self.last_plan = plan
-        self.history.append({"time": now, **plan.as_dict()})
-        del self.history[:-1000]
         return plan
 
     async def run(self) -> None:
@@ -191,24 +192,25 @@ class CascadeStream:
                                     request_id=None, slo_ms=self._remaining_slo_ms())
         try:
             self._current = await b.engine.add_request(heavy, request_id=f"{self.request_id}.heavy")
-        except GlideServeError as exc:  # shutting down, full, or too late: the light image is the answer
-            light_result.cascade = b.record(dataclasses.replace(verdict, escalated=False, reason="heavy_refused"))
-            log.info("cascade %s: heavy model refused (%s); answering with the light image", self.request_id,
-                     exc.message)
-            yield light_result
+        except GlideServeError as exc:  # shutting down, full, or too late
+            yield self._light_answer(light_result, verdict, f"refused: {exc.message}")
             return
         async for event in self._current:
             if isinstance(event, RequestFailed) and event.reason != "aborted" and not self._aborted:
-                # Admitted, then dropped (it fell behind its deadline) or failed: the light image is the answer.
-                light_result.cascade = b.record(dataclasses.replace(verdict, escalated=False, reason="heavy_refused"))
-                log.info("cascade %s: heavy model gave up (%s); answering with the light image", self.request_id,
-                         event.reason)
-                yield light_result
+                # Admitted, then dropped (it fell behind its deadline) or failed.
+                yield self._light_answer(light_result, verdict, f"gave up: {event.reason}")
                 return
             if isinstance(event, GenerationResult):
                 event.cascade = b.record(verdict)
                 event.timings.total_s = time.monotonic() - self._arrival
             yield event
+
+    def _light_answer(self, light_result: GenerationResult, verdict: CascadeVerdict, why: str) -> GenerationResult:
+        """The light image as the answer of an escalation the heavy model did not serve (``heavy_refused``)."""
+        light_result.cascade = self.backend.record(dataclasses.replace(verdict, escalated=False,
+                                                                       reason="heavy_refused"))
+        log.info("cascade %s: heavy model %s; answering with the light image", self.request_id, why)
+        return light_result
 
     def _remaining_slo_ms(self) -> float | None:
         if self._raw.slo_ms is None:
@@ -318,7 +320,6 @@ def build_cascade_backend(engine, config: CascadeConfig, slo_ms: float | None) -
     if not table:
         raise ValueError(f"discriminator {config.discriminator} has no measured f(t); retrain it with "
                          "`glideserve cascade train-discriminator`")
-    points = sorted((float(t), float(f)) for t, f in table.items())
-    escalation = EscalationProfile(tuple(t for t, _ in points), tuple(f for _, f in points))
+    escalation = EscalationProfile.from_table(table)
     controller = ThresholdController(config, engine.models, escalation, None if slo_ms is None else slo_ms / 1000.0)
     return CascadeBackend(engine, config, disc, controller)

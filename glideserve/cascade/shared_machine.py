@@ -17,9 +17,7 @@ from collections import deque
 from glideserve.cascade import allocator
 from glideserve.cascade.profiles import CascadeProfile
 from glideserve.cascade.simulator import (HEAVY, LIGHT, RunTally, SimulationConfig, SimulationResult,
-                                          best_single_model_batch, complete_batch, draw_queries)
-
-MIN_SHARE = 0.05  # as the live controller: a model the plan gives nothing still progresses
+                                          best_single_model_batch, complete_batch, draw_queries, served_quality)
 
 
 class SharedMachineSimulator:
@@ -35,13 +33,15 @@ class SharedMachineSimulator:
     def _plan(self, demand: float) -> tuple[float, dict[str, float], dict[str, int]]:
         """Threshold, step-time shares and batch caps for ``demand``."""
         p, c = self.profile, self.config
+        least = allocator.MIN_SHARE
         if c.policy == "all-light":
-            return 0.0, {LIGHT: 1.0, HEAVY: MIN_SHARE}, {LIGHT: best_single_model_batch(p.light, p.slo_s), HEAVY: 1}
+            return 0.0, {LIGHT: 1.0, HEAVY: least}, {LIGHT: best_single_model_batch(p.light, p.slo_s), HEAVY: 1}
         if c.policy == "all-heavy":
-            return 1.0, {LIGHT: MIN_SHARE, HEAVY: 1.0}, {LIGHT: 1, HEAVY: best_single_model_batch(p.heavy, p.slo_s)}
+            return 1.0, {LIGHT: least, HEAVY: 1.0}, {LIGHT: 1, HEAVY: best_single_model_batch(p.heavy, p.slo_s)}
         fixed = c.static_threshold if c.policy == "static" else None
         plan = allocator.solve(p, demand, 1.0, fixed_threshold=fixed)
-        shares = {LIGHT: max(MIN_SHARE, plan.light_capacity), HEAVY: max(MIN_SHARE, plan.heavy_capacity)}
+        light_share, heavy_share = allocator.step_shares(plan)
+        shares = {LIGHT: light_share, HEAVY: heavy_share}
         return plan.threshold, shares, {LIGHT: plan.light_batch, HEAVY: plan.heavy_batch}
 
     def run(self, arrivals: list[float], confidences: list[float] | None = None) -> SimulationResult:
@@ -109,4 +109,4 @@ class SharedMachineSimulator:
                 next_replan += c.interval_s
             tally.note_plan(now, threshold, shares[LIGHT] / (shares[LIGHT] + shares[HEAVY]), self.estimator.planned())
             dispatch(now)
-        return tally.result(c.policy, 1, {"heavy_share": tally.served[HEAVY] / max(1, sum(tally.served.values()))})
+        return tally.result(c.policy, 1, served_quality(p, tally.served))

@@ -189,6 +189,18 @@ class RunTally:
                                 self.counts["dropped"], self.served, self.timeline, quality, self.latencies)
 
 
+def served_quality(profile: CascadeProfile, served: dict[str, int]) -> dict[str, float]:
+    """The share answered by the heavy model, and each metric of the profile's per-model quality averaged
+    over the queries each model served."""
+    total = sum(served.values())
+    names = {LIGHT: profile.light.name, HEAVY: profile.heavy.name}
+    metrics = set.intersection(*(set(profile.quality.get(n, {})) for n in names.values()))
+    out = {"heavy_share": served[HEAVY] / total if total else 0.0}
+    for metric in sorted(metrics):
+        out[metric] = sum(served[r] * profile.quality[names[r]][metric] for r in served) / total if total else 0.0
+    return out
+
+
 def complete_batch(tally: RunTally, batch: list[SimQuery], role: str, now: float, threshold: float, policy: str,
                    heavy_queue: deque, heavy_admits) -> None:
     """Route each query of a batch that finished at ``now``: a light answer below ``threshold`` goes on to
@@ -309,17 +321,7 @@ class CascadeSimulator:
         for queue in queues.values():  # only possible when no worker of that model was left
             while queue:
                 tally.drop(queue.popleft())
-        return tally.result(c.policy, c.workers, self._quality(tally.served))
-
-    def _quality(self, served: dict[str, int]) -> dict[str, float]:
-        """Each metric of the profile's per-model quality, averaged over the queries each model served."""
-        total = sum(served.values())
-        names = {LIGHT: self.profile.light.name, HEAVY: self.profile.heavy.name}
-        metrics = set.intersection(*(set(self.profile.quality.get(n, {})) for n in names.values()))
-        out = {"heavy_share": served[HEAVY] / total if total else 0.0}
-        for metric in sorted(metrics):
-            out[metric] = sum(served[r] * self.profile.quality[names[r]][metric] for r in served) / total if total else 0.0
-        return out
+        return tally.result(c.policy, c.workers, served_quality(p, tally.served))
 
 
 def simulate(profile: CascadeProfile, arrivals: list[float], config: SimulationConfig,

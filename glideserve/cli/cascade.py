@@ -11,14 +11,10 @@ from typing import List, Optional
 import typer
 
 from glideserve.cascade.simulator import POLICIES
+from glideserve.cli.errors import fail
 
 BUNDLED_PROFILES = Path(__file__).resolve().parents[1] / "data" / "profiles"
 BUNDLED_TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _threads(threads: Optional[int]) -> None:
@@ -53,7 +49,7 @@ def train_discriminator(
         disc = train_for_light_model(light, images=images, steps=steps, seed=seed, kind=kind,
                                      encoder_path=None if encoder is None else str(encoder), light_steps=light_steps)
     except (GlideServeError, ValueError, FileNotFoundError) as exc:
-        _fail(getattr(exc, "message", str(exc)))
+        fail(getattr(exc, "message", str(exc)))
     disc.save(out)
     r = disc.report
     typer.echo(f"wrote {out}: held-out accuracy {r['accuracy']:.3f}, ROC-AUC {r['roc_auc']:.3f} "
@@ -102,11 +98,11 @@ def profile_cascade(
     _threads(threads)
     batches = sorted(set(batch))
     if not batches or batches[0] < 1:
-        _fail("--batch sizes must be positive")
+        fail("--batch sizes must be positive")
     try:
         report = disc_mod.load(discriminator).report
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     latency = {}
     for model in (light, heavy):
         typer.echo(f"measuring {model} at batch sizes {batches} ...", err=True)
@@ -165,7 +161,7 @@ def simulate(
         configs = [SimulationConfig(workers, p, interval_s=interval_s, static_threshold=static_threshold, seed=seed,
                                     shared_machine=shared_machine, admission=admission) for p in policy]
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"{path.name}: {len(schedule)} queries over {schedule.span_s:.0f} s ({schedule.mean_rate:.1f}/s); "
                f"{workers} workers; {light} -> {heavy}; SLO {profile.slo_s:g} s")
     typer.echo(f"{'policy':<10} {'violations':>10} {'late':>6} {'dropped':>8} {'heavy share':>11}  quality")
@@ -219,11 +215,10 @@ def _escalation(bench):
     """f(t) of the benchmark's discriminator (the light model's bundled one by default)."""
     from glideserve.cascade import discriminator as disc_mod
     from glideserve.cascade.profiles import EscalationProfile
-    from glideserve.cascade.serving import BUNDLED_DISCRIMINATORS
+    from glideserve.cascade.serving import default_discriminator
 
-    folder = bench.discriminator or BUNDLED_DISCRIMINATORS / Path(bench.light).name
-    points = sorted((float(t), f) for t, f in disc_mod.load(folder).report["escalated_fraction_at_threshold"].items())
-    return EscalationProfile(tuple(t for t, _ in points), tuple(f for _, f in points))
+    folder = bench.discriminator or default_discriminator(bench.light)
+    return EscalationProfile.from_table(disc_mod.load(folder).report["escalated_fraction_at_threshold"])
 
 
 def cascade_report(result) -> str:
@@ -292,7 +287,7 @@ def bench_cascade(
             clip = load_toy_clip()
         result = run_cascade_bench(bench, out, log=typer.echo, toy_clip=clip)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     (out / "results.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
     report = cascade_report(result)
     (out / "report.md").write_text(report)

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from glideserve.cli.errors import fail
 from glideserve.errors import GlideServeError, InvalidRequestError
 from glideserve.params import GenerationParams, parse_size
 from glideserve.models import DEFAULT_MODEL
@@ -28,12 +29,6 @@ class PromptFileEntry(BaseModel):
     sampler: Optional[str] = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a user-facing error (no traceback) and exit."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def read_prompts_file(path: Path) -> list[PromptFileEntry]:

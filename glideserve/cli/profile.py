@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from glideserve.cli.errors import fail
 from glideserve.errors import GlideServeError
 from glideserve.models import DEFAULT_MODEL
 
@@ -60,8 +61,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
             result = load_or_measure(model, core.runner, core.spec, core.config, refresh=refresh,
                                      progress=lambda message: typer.echo(f"profiling {message}", err=True))
         except (GlideServeError, ValueError) as exc:
-            typer.secho(f"error: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2)
+            fail(getattr(exc, "message", str(exc)))
         if as_json:
             typer.echo(json.dumps(result.to_json(), indent=1))
             return

@@ -8,14 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from glideserve.cli.errors import fail
 from glideserve.errors import GlideServeError
 
 DEFAULT_TOY_CAPTIONS = 8
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _judge_cell(accuracy: dict | None) -> str:
@@ -98,13 +94,13 @@ def eval_quality(
     systems = list(dict.fromkeys(system or [quality.ENGINE_SYSTEM]))
     unknown = [name for name in systems if name not in quality.SYSTEMS]
     if unknown:
-        _fail(f"unknown system {unknown[0]!r}; choose from {', '.join(quality.SYSTEMS)}")
+        fail(f"unknown system {unknown[0]!r}; choose from {', '.join(quality.SYSTEMS)}")
     if sum(option is not None for option in (prompts, toy_captions, scene_captions)) > 1:
-        _fail("give one of --prompts, --toy-captions and --scene-captions")
+        fail("give one of --prompts, --toy-captions and --scene-captions")
     for name, value in (("--seeds", seeds), ("--steps", steps), ("--threads", threads),
                         ("--max-batch-rows", max_batch_rows)):
         if value is not None and value < 1:
-            _fail(f"{name} must be at least 1, got {value}")
+            fail(f"{name} must be at least 1, got {value}")
     config = {k: v for k, v in (("num_threads", threads), ("max_batch_rows", max_batch_rows)) if v is not None}
     try:
         toy_clip = None
@@ -124,9 +120,9 @@ def eval_quality(
                                      metrics=metrics, out_dir=out_dir, progress=progress, num_threads=threads,
                                      toy_clip=toy_clip)
     except GlideServeError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     s = report.settings
     typer.echo(f"{report.model}: {s['num_cases']} images per system, {s['steps']} steps, guidance "
                f"{s['guidance']:g}, {s['width']}x{s['height']}, sampler {s['sampler']}; reference: the diffusers "

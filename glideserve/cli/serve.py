@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from glideserve.cli.errors import fail
 from glideserve.errors import GlideServeError
 from glideserve.models import DEFAULT_MODEL
 
@@ -219,8 +220,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
 
                 backend = build_cascade_backend(backend, cascade_config, default_slo_ms)
         except (GlideServeError, ValueError, FileNotFoundError) as exc:
-            typer.secho(f"error: {getattr(exc, 'message', exc)}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2)
+            fail(getattr(exc, "message", str(exc)))
         if api_key is None and host not in LOOPBACK_HOSTS:
             typer.secho(f"warning: listening on {host} without --api-key; anyone who can reach this port can "
                         "generate images", fg=typer.colors.YELLOW, err=True)

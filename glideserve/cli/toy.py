@@ -8,12 +8,8 @@ from typing import Optional
 
 import typer
 
+from glideserve.cli.errors import fail
 from glideserve.errors import GlideServeError
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def train_toy(
@@ -49,15 +45,15 @@ def train_toy(
     from glideserve.toy.train import DEFAULT_TRAIN_STEPS, DEFAULT_VAE_STEPS, SCENES_VAE_STEPS, train_toy_model
 
     if size not in recipe.PRESETS:
-        _fail(f"--size must be one of {', '.join(recipe.PRESETS)}, got {size!r}")
+        fail(f"--size must be one of {', '.join(recipe.PRESETS)}, got {size!r}")
     if minutes is not None and steps is not None:
-        _fail("give --minutes or --steps, not both")
+        fail("give --minutes or --steps, not both")
     counts = (minutes, steps, threads, vae_steps, samples_per_caption, scene_samples)
     if any(value is not None and value <= 0 for value in counts):
-        _fail("--minutes, --steps, --threads, --vae-steps, --samples-per-caption and --scene-samples must be positive")
+        fail("--minutes, --steps, --threads, --vae-steps, --samples-per-caption and --scene-samples must be positive")
     if minutes is None and steps is None:
         if size not in DEFAULT_TRAIN_STEPS:
-            _fail(f"--size {size} has no recorded step count yet; give --steps or --minutes")
+            fail(f"--size {size} has no recorded step count yet; give --steps or --minutes")
         steps = DEFAULT_TRAIN_STEPS[size]
     torch.set_num_threads(threads)
     target = out if out is not None else Path(f"glide-{size}")
@@ -69,7 +65,7 @@ def train_toy(
             folder = distill_turbo(teacher or bundled_model_dir("glide-base"), target, steps=steps, minutes=minutes,
                                    pairs=pairs, seed=seed, resume=resume)
         except (FileNotFoundError, OSError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         typer.echo(f"wrote {folder} (load it with `glideserve generate --model {folder}`)")
         return
     if vae_steps is None:
@@ -79,7 +75,7 @@ def train_toy(
                                  vae_steps=vae_steps, resume=resume, init_from=init_from,
                                  samples_per_caption=samples_per_caption, scene_samples=scene_samples)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"wrote {folder} (load it with `glideserve generate --model {folder}`)")
 
 
@@ -107,9 +103,9 @@ def eval_judge(
     from glideserve.toy import dataset
 
     if seeds < 1 or (steps is not None and steps < 1) or every < 1 or max_batch_rows < 1 or per_level < 1:
-        _fail("--seeds, --steps, --per-level, --every and --max-batch-rows must be at least 1")
+        fail("--seeds, --steps, --per-level, --every and --max-batch-rows must be at least 1")
     if task not in ("scenes", "shapes"):
-        _fail(f"--task must be scenes or shapes, got {task!r}")
+        fail(f"--task must be scenes or shapes, got {task!r}")
     config = {"max_batch_rows": max_batch_rows}
     if threads is not None:
         config["num_threads"] = threads
@@ -125,7 +121,7 @@ def eval_judge(
                                      combinations=dataset.all_combinations()[::every], keep_images=grid is not None,
                                      **config)
     except GlideServeError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     typer.echo(f"{report.model}: {report.num_images} images, {report.steps} steps, guidance {report.guidance:g}")
     footprint = model_footprint(model)
     typer.echo(f"  {footprint['parameters'] / 1e6:.2f} M parameters ({footprint['transformer_parameters'] / 1e6:.2f} M "
@@ -160,7 +156,7 @@ def eval_vae(
     try:
         report = evaluate_autoencoder(model, per_level)
     except (FileNotFoundError, GlideServeError) as exc:
-        _fail(getattr(exc, "message", str(exc)))
+        fail(getattr(exc, "message", str(exc)))
     typer.echo(f"{report.model} autoencoder: {per_level} scenes per level, mean error "
                f"{report.mean_abs_error:.2f}/255")
     _print_levels(report.levels)
