@@ -72,3 +72,20 @@ def test_bad_input_is_a_clean_error(tiny_sd3_dir, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, (ValueError, TypeError))
+
+
+def test_a_command_missing_an_extra_says_which_to_install(monkeypatch, capsys):
+    import glideserve.cli as cli
+
+    def needs(package: str):
+        def command():
+            raise ModuleNotFoundError(f"No module named {package!r}", name=package)
+        return command
+
+    monkeypatch.setattr(cli, "app", needs("scipy"))
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 2 and "glideserve[serve]" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "app", needs("not_an_extra"))  # a real bug stays a traceback
+    with pytest.raises(ModuleNotFoundError):
+        cli.main()

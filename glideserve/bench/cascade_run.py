@@ -21,8 +21,8 @@ from glideserve.bench.arrivals import Schedule, make_schedule
 from glideserve.bench.loadgen import RequestTemplate, measure_isolated_latency, new_client, run_open_loop, send_one
 from glideserve.bench.records import DROPPED, ON_TIME, RequestRecord
 from glideserve.bench.server_process import ServerProcess
+from glideserve.cascade import POLICIES
 
-POLICIES = ("all-light", "all-heavy", "static", "milp")
 
 
 @dataclass(frozen=True)

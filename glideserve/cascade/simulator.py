@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from glideserve.cascade import allocator
+from glideserve.cascade import POLICIES, allocator
 from glideserve.cascade.profiles import CascadeProfile, ModelProfile
 
-POLICIES = ("milp", "static", "all-light", "all-heavy")
 LIGHT, HEAVY = "light", "heavy"
 
 

@@ -17,5 +17,19 @@ for module in (generate, serve, profile, toy, bench, caching, quality, cascade):
     module.register(app, eval_app=eval_app, bench_app=bench_app)
 
 
+# Packages only an extra installs (pyproject.toml), and which: a command that needs one says how to get it.
+EXTRA_OF_PACKAGE = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve",
+                    "scipy": "serve", "httpx": "bench", "matplotlib": "bench", "torchmetrics": "bench",
+                    "psutil": "bench"}
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_PACKAGE.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        typer.secho(f"error: this command needs the package {exc.name!r}, which the {extra!r} extra installs: "
+                    f"pip install -e '.[{extra}]' (or 'glideserve[{extra}]')", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None

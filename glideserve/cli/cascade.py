@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from glideserve.cascade.simulator import POLICIES
+from glideserve.cascade import POLICIES
 from glideserve.cli.errors import fail
 
 BUNDLED_PROFILES = Path(__file__).resolve().parents[1] / "data" / "profiles"
