@@ -20,6 +20,18 @@ class GlideServeError(Exception):
         self.message = message
         self.param = param
 
+    def __reduce__(self):
+        # Errors cross process boundaries (cluster replicas to the ingress); pickle every attribute,
+        # not the constructor's arguments, which subclasses extend.
+        return _rebuild_error, (type(self), dict(self.__dict__))
+
+
+def _rebuild_error(cls: type, attributes: dict) -> GlideServeError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, attributes.get("message", ""))
+    error.__dict__.update(attributes)
+    return error
+
 
 class InvalidRequestError(GlideServeError):
     """A generation request has a parameter out of range or of the wrong kind."""

@@ -87,15 +87,39 @@ def model_profile(slot, batches=PROFILE_BATCHES) -> ModelProfile:
     return ModelProfile(slot.name, tuple(batches), latency)
 
 
-class ThresholdController:
-    """The threshold in force, and (``auto``) the loop that re-plans it and the step-time shares."""
+class SharedMachinePlacement:
+    """Where a plan lands on one machine: both models' step-time shares of one engine (``capacity`` 1.0)."""
 
-    def __init__(self, config: CascadeConfig, models, escalation: EscalationProfile, slo_s: float | None,
+    capacity = 1.0
+    integral = False
+
+    def __init__(self, models):
+        self.models = models
+
+    def spec(self, name: str):
+        return self.models.get(name).spec
+
+    def profile(self, name: str) -> ModelProfile:
+        return model_profile(self.models.get(name))
+
+    def apply(self, plan: allocator.Allocation, light: str, heavy: str) -> None:
+        light_share, heavy_share = allocator.step_shares(plan)
+        self.models.set_shares({light: light_share, heavy: heavy_share})
+
+
+class ThresholdController:
+    """The threshold in force, and (``auto``) the loop that re-plans it and the capacity of each model.
+
+    ``placement`` turns a plan into capacity: step-time shares of one machine
+    (SharedMachinePlacement) or replica counts of a cluster; it also gives the models' profiles.
+    """
+
+    def __init__(self, config: CascadeConfig, placement, escalation: EscalationProfile, slo_s: float | None,
                  clock=time.monotonic):
         if config.threshold is None and slo_s is None:
             raise ValueError("--cascade threshold=auto plans against an SLO: give --default-slo-ms")
         self.config = config
-        self.models = models
+        self.placement = placement
         self.escalation = escalation
         self.slo_s = slo_s
         self.clock = clock
@@ -107,9 +131,8 @@ class ThresholdController:
         self._task: asyncio.Task | None = None
 
     def profile(self) -> CascadeProfile:
-        light, heavy = self.models.get(self.config.light), self.models.get(self.config.heavy)
-        return CascadeProfile(model_profile(light), model_profile(heavy), self.escalation,
-                              self.slo_s if self.slo_s is not None else 1e9)
+        return CascadeProfile(self.placement.profile(self.config.light), self.placement.profile(self.config.heavy),
+                              self.escalation, self.slo_s if self.slo_s is not None else 1e9)
 
     def replan(self) -> allocator.Allocation | None:
         """One planning round on the arrivals since the last; None when there is no SLO to plan against."""
@@ -118,10 +141,10 @@ class ThresholdController:
         self.arrivals, self._since = 0, now
         if self.slo_s is None:
             return None
-        plan = allocator.solve(self.profile(), demand, 1.0, fixed_threshold=self.config.threshold)
+        plan = allocator.solve(self.profile(), demand, self.placement.capacity, integral=self.placement.integral,
+                               fixed_threshold=self.config.threshold)
         self.threshold = plan.threshold
-        light_share, heavy_share = allocator.step_shares(plan)
-        self.models.set_shares({self.config.light: light_share, self.config.heavy: heavy_share})
+        self.placement.apply(plan, self.config.light, self.config.heavy)
         self.last_plan = plan
         return plan
 
@@ -231,7 +254,7 @@ class CascadeBackend:
 
     @property
     def spec(self):
-        return self.engine.models.get(self.config.heavy).spec
+        return self.controller.placement.spec(self.config.heavy)
 
     async def start(self) -> None:
         await self.engine.start()
@@ -307,8 +330,10 @@ class _Forget:
             self._registry.pop(self.request_id, None)
 
 
-def build_cascade_backend(engine, config: CascadeConfig, slo_ms: float | None) -> CascadeBackend:
-    """Wire an engine serving ``config.light`` and ``config.heavy`` into a cascade (loads the discriminator)."""
+def build_cascade_backend(engine, config: CascadeConfig, slo_ms: float | None, placement=None) -> CascadeBackend:
+    """Wire an engine serving ``config.light`` and ``config.heavy`` into a cascade (loads the discriminator).
+
+    ``placement`` (default: the engine's models sharing one machine) carries out the allocator's plans."""
     from glideserve.cascade import discriminator as disc_mod
 
     names = {card["name"] for card in engine.model_cards()}
@@ -321,5 +346,6 @@ def build_cascade_backend(engine, config: CascadeConfig, slo_ms: float | None) -
         raise ValueError(f"discriminator {config.discriminator} has no measured f(t); retrain it with "
                          "`glideserve cascade train-discriminator`")
     escalation = EscalationProfile.from_table(table)
-    controller = ThresholdController(config, engine.models, escalation, None if slo_ms is None else slo_ms / 1000.0)
+    placement = placement if placement is not None else SharedMachinePlacement(engine.models)
+    controller = ThresholdController(config, placement, escalation, None if slo_ms is None else slo_ms / 1000.0)
     return CascadeBackend(engine, config, disc, controller)
