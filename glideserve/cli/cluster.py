@@ -38,13 +38,24 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def _load(config: Path):
+def _load(config: Path, address: str | None = None):
+    """The validated config; on a local instance (no Ray address) every model must also resolve here."""
     from glideserve.cluster.config import ClusterConfigError, load_config
+    from glideserve.errors import ModelLoadError
 
     try:
-        return load_config(config)
+        cfg = load_config(config)
     except ClusterConfigError as exc:
         fail(str(exc))
+    if address is None and cfg.ray.address is None:  # a remote cluster resolves paths on its nodes
+        from glideserve.models.loading import resolve_model_path
+
+        for index, model in enumerate(cfg.models):
+            try:
+                resolve_model_path(model.source)
+            except ModelLoadError as exc:
+                fail(f"{config}: models.{index}.path: {exc.message}")
+    return cfg
 
 
 def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -71,7 +82,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         log_level: str = typer.Option("warning", help="Log level of this process."),
     ) -> None:
         """Deploy on Ray Serve and serve until SIGTERM or Ctrl-C, which drain (admitted requests finish)."""
-        cfg = _load(config)
+        cfg = _load(config, address)
         if address is not None:
             cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -115,3 +115,17 @@ def test_deployment_options_follow_the_allocator_policy():
     milp = parse_config(GOOD)
     assert deployment_options(milp, milp.models[0])["num_replicas"] == 1
     assert "autoscaling_config" not in deployment_options(milp, milp.models[0])
+
+
+def test_cluster_check_resolves_local_model_paths(tmp_path):
+    from typer.testing import CliRunner
+
+    from glideserve.cli import app
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text(f"models:\n  - name: glide-tiny\n  - name: mine\n    path: {tmp_path / 'missing'}\n")
+    result = CliRunner().invoke(app, ["cluster", "check", "--config", str(config)])
+    assert result.exit_code == 2 and "models.1.path" in result.output and "not found" in result.output
+    config.write_text("models:\n  - name: glide-tiny\n")
+    result = CliRunner().invoke(app, ["cluster", "check", "--config", str(config)])
+    assert result.exit_code == 0 and "glide-tiny x1..1; allocator autoscale" in result.output
