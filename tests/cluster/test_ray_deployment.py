@@ -90,6 +90,25 @@ def _wait_for(predicate, what: str, timeout_s: float = 120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _send_all_while(cluster, action) -> list:
+    """Send the N_REQUESTS at once, run ``action`` (blocking) while they run, return the answers in order."""
+    async def send_all():
+        async with httpx.AsyncClient(timeout=600) as client:
+            sends = [asyncio.create_task(client.post(f"{cluster.url}/v1/images/generations", json=_body(i)))
+                     for i in range(N_REQUESTS)]
+            await asyncio.to_thread(action)
+            return await asyncio.gather(*sends)
+
+    return asyncio.run(send_all())
+
+
+def _assert_answers_match(answers: list, reference_images: list) -> None:
+    assert [a.status_code for a in answers] == [200] * N_REQUESTS, [a.text[:200] for a in answers
+                                                                     if a.status_code != 200]
+    for i, answer in enumerate(answers):
+        assert np.abs(_pixels(answer.json()) - reference_images[i]).max() <= 1, f"request {i} differs"
+
+
 def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
@@ -104,18 +123,7 @@ def test_a_killed_replica_loses_no_request_and_changes_no_image(cluster, referen
         killed["replica"] = busy[0]
         os.kill(busy[0].pid, signal.SIGKILL)
 
-    async def send_all():
-        async with httpx.AsyncClient(timeout=600) as client:
-            sends = [asyncio.create_task(client.post(f"{cluster.url}/v1/images/generations", json=_body(i)))
-                     for i in range(N_REQUESTS)]
-            await asyncio.to_thread(kill_a_busy_replica)
-            return await asyncio.gather(*sends)
-
-    answers = asyncio.run(send_all())
-    assert [a.status_code for a in answers] == [200] * N_REQUESTS, [a.text[:200] for a in answers
-                                                                     if a.status_code != 200]
-    for i, answer in enumerate(answers):
-        assert np.abs(_pixels(answer.json()) - reference_images[i]).max() <= 1, f"request {i} differs"
+    _assert_answers_match(_send_all_while(cluster, kill_a_busy_replica), reference_images)
     metrics = httpx.get(f"{cluster.url}/metrics").text
     assert _metric(metrics, "glideserve_cluster_retries_total") >= 1  # the killed replica held requests
     assert _metric(metrics, 'glideserve_requests_total{status="completed"}') >= N_REQUESTS
@@ -135,22 +143,13 @@ def test_a_hung_replica_is_given_up_on_and_its_requests_retried(cluster, referen
         stopped["pid"] = busy[0].pid
         os.kill(busy[0].pid, signal.SIGSTOP)  # alive but silent: no heartbeat, no step, no health check
 
-    async def send_all():
-        async with httpx.AsyncClient(timeout=600) as client:
-            sends = [asyncio.create_task(client.post(f"{cluster.url}/v1/images/generations", json=_body(i)))
-                     for i in range(N_REQUESTS)]
-            await asyncio.to_thread(stop_a_busy_replica)
-            return await asyncio.gather(*sends)
-
     try:
-        answers = asyncio.run(send_all())
+        answers = _send_all_while(cluster, stop_a_busy_replica)
     finally:
         if "pid" in stopped:  # Ray replaces it; make sure the stopped process does not linger
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stopped["pid"], signal.SIGKILL)
-    assert [a.status_code for a in answers] == [200] * N_REQUESTS
-    for i, answer in enumerate(answers):
-        assert np.abs(_pixels(answer.json()) - reference_images[i]).max() <= 1, f"request {i} differs"
+    _assert_answers_match(answers, reference_images)
     assert _metric(httpx.get(f"{cluster.url}/metrics").text, "glideserve_cluster_retries_total") > retries_before
     _wait_for(lambda: len(_snapshots(cluster)) == 2, "the hung replica to be replaced", 180)
 
