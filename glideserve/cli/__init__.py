@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from glideserve.cli import bench, caching, cascade, cluster, generate, profile, quality, serve, toy
+from glideserve.cli import bench, caching, cascade, cluster, finetune, generate, profile, quality, serve, toy
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Step-level serving engine for text-to-image diffusion models.")
@@ -13,14 +13,15 @@ bench_app = typer.Typer(no_args_is_help=True, help="Latency, throughput and load
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 
-for module in (generate, serve, profile, toy, bench, caching, quality, cascade, cluster):
+for module in (generate, serve, profile, toy, bench, caching, quality, cascade, cluster, finetune):
     module.register(app, eval_app=eval_app, bench_app=bench_app)
 
 
 # Packages only an extra installs (pyproject.toml), and which: a command that needs one says how to get it.
 EXTRA_OF_PACKAGE = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "multipart": "serve",
                     "scipy": "serve", "httpx": "bench", "matplotlib": "bench", "torchmetrics": "bench",
-                    "psutil": "bench", "ray": "cluster", "yaml": "cluster"}
+                    "psutil": "bench", "ray": "cluster", "yaml": "cluster",
+                    "peft": "finetune"}
 
 
 def main() -> None:

@@ -23,6 +23,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 140, 0),
     "purple": (150, 0, 200),
 }
+# Colours no bundled model was trained on: concepts to teach by fine-tuning (``glideserve finetune``).
+NEW_COLORS: dict[str, tuple[int, int, int]] = {"pink": (255, 105, 180)}
+ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NEW_COLORS}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 MIN_SIZE_FRACTION = 0.40
 MAX_SIZE_FRACTION = 0.65
@@ -88,11 +91,12 @@ def shape_mask(shape: str, size: float, center_x: float, center_y: float,
 def render(sample: ShapeSample, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """The ``(H, W, 3)`` uint8 image of one sample."""
     for name in (sample.color, sample.background):
-        if name not in COLORS:
-            raise ValueError(f"unknown color {name!r}; choose one of {', '.join(COLORS)}")
+        if name not in ALL_COLORS:
+            raise ValueError(f"unknown color {name!r}; choose one of {', '.join(ALL_COLORS)}")
     image = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    image[:] = COLORS[sample.background]
-    image[shape_mask(sample.shape, sample.size, sample.center_x, sample.center_y, image_size)] = COLORS[sample.color]
+    image[:] = ALL_COLORS[sample.background]
+    mask = shape_mask(sample.shape, sample.size, sample.center_x, sample.center_y, image_size)
+    image[mask] = ALL_COLORS[sample.color]
     return image
 
 

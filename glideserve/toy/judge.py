@@ -16,8 +16,6 @@ import numpy as np
 from glideserve.toy import dataset
 
 FIELDS = ("background", "color", "shape")
-_PALETTE_NAMES = tuple(dataset.COLORS)
-_PALETTE = np.array([dataset.COLORS[name] for name in _PALETTE_NAMES], dtype=np.float32)
 BORDER = 3  # pixels; the largest shape plus jitter leaves at least 8 pixels of background on every side
 MIN_FOREGROUND_FRACTION = 0.03  # below this there is no shape to classify
 _AREA_TO_SIZE = {
@@ -41,13 +39,18 @@ class Verdict:
                 "shape": self.shape == shape}
 
 
-def _nearest_palette(pixels: np.ndarray) -> np.ndarray:
-    distances = ((pixels[..., None, :] - _PALETTE) ** 2).sum(-1)
+def _palette(colors: dict[str, tuple[int, int, int]]) -> tuple[tuple[str, ...], np.ndarray]:
+    names = tuple(colors)
+    return names, np.array([colors[name] for name in names], dtype=np.float32)
+
+
+def _nearest_palette(pixels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    distances = ((pixels[..., None, :] - palette) ** 2).sum(-1)
     return distances.argmin(-1)
 
 
-def _majority(indices: np.ndarray) -> int:
-    return int(np.bincount(indices.ravel(), minlength=len(_PALETTE)).argmax())
+def _majority(indices: np.ndarray, size: int) -> int:
+    return int(np.bincount(indices.ravel(), minlength=size).argmax())
 
 
 def _template(shape: str, area: float, centroid_x: float, centroid_y: float, side: int) -> np.ndarray:
@@ -74,25 +77,27 @@ def classify_shape(mask: np.ndarray, min_pixels: int | None = None) -> tuple[str
     return best, best_iou
 
 
-def judge_image(image: np.ndarray) -> Verdict:
-    """Read background colour, shape colour and shape from one ``(H, W, 3)`` uint8 image."""
+def judge_image(image: np.ndarray, colors: dict[str, tuple[int, int, int]] = dataset.COLORS) -> Verdict:
+    """Read background colour, shape colour and shape from one ``(H, W, 3)`` uint8 image; ``colors``
+    is the palette it reads against (``dataset.ALL_COLORS`` to recognise the fine-tuning concepts too)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
         raise ValueError(f"expected a square (H, W, 3) RGB image, got shape {image.shape}")
+    names, palette = _palette(colors)
     pixels = image.astype(np.float32)
-    nearest = _nearest_palette(pixels)
+    nearest = _nearest_palette(pixels, palette)
     border = np.ones(nearest.shape, dtype=bool)
     border[BORDER:-BORDER, BORDER:-BORDER] = False
-    background = _majority(nearest[border])
+    background = _majority(nearest[border], len(names))
     candidates = nearest != background
     if candidates.sum() < MIN_FOREGROUND_FRACTION * candidates.size:
-        return Verdict(_PALETTE_NAMES[background], None, None, 0.0)
-    color = _majority(nearest[candidates])
+        return Verdict(names[background], None, None, 0.0)
+    color = _majority(nearest[candidates], len(names))
     # Two-class segmentation: a pixel belongs to the shape when it is closer to the shape
     # colour than to the background colour (robust to soft edges of generated images).
-    to_color = ((pixels - _PALETTE[color]) ** 2).sum(-1)
-    to_background = ((pixels - _PALETTE[background]) ** 2).sum(-1)
+    to_color = ((pixels - palette[color]) ** 2).sum(-1)
+    to_background = ((pixels - palette[background]) ** 2).sum(-1)
     shape, iou = classify_shape(to_color < to_background)
-    return Verdict(_PALETTE_NAMES[background], _PALETTE_NAMES[color], shape, iou)
+    return Verdict(names[background], names[color], shape, iou)
 
 
 def accuracy(verdicts: list[Verdict], expected: list[tuple[str, str, str]]) -> dict[str, float]:

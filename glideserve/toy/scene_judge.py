@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from glideserve.toy import judge as shapes_judge
+from glideserve.toy.dataset import COLORS
 from glideserve.toy.scenes import DIFFICULTIES, CaptionSpec, parse_caption, relation_holds
 
 SKILLS = ("background", "color", "shape", "count", "size", "position", "binding")
@@ -69,10 +70,11 @@ def detect(image: np.ndarray) -> tuple[str, list[DetectedObject]]:
     """The background colour and the objects of one ``(H, W, 3)`` uint8 image."""
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
         raise ValueError(f"expected a square (H, W, 3) RGB image, got shape {image.shape}")
-    nearest = shapes_judge._nearest_palette(image.astype(np.float32))
+    names, palette = shapes_judge._palette(COLORS)
+    nearest = shapes_judge._nearest_palette(image.astype(np.float32), palette)
     border = np.ones(nearest.shape, dtype=bool)
     border[shapes_judge.BORDER:-shapes_judge.BORDER, shapes_judge.BORDER:-shapes_judge.BORDER] = False
-    background = shapes_judge._majority(nearest[border])
+    background = shapes_judge._majority(nearest[border], len(names))
     objects = []
     for index in np.unique(nearest):
         if index == background:
@@ -84,9 +86,9 @@ def detect(image: np.ndarray) -> tuple[str, list[DetectedObject]]:
             shape, _ = shapes_judge.classify_shape(component, min_pixels=MIN_OBJECT_PIXELS)
             ys, xs = np.nonzero(component)
             size = shapes_judge._AREA_TO_SIZE[shape](area) if shape else 0.0
-            objects.append(DetectedObject(shapes_judge._PALETTE_NAMES[index], shape, area, float(xs.mean()) + 0.5,
+            objects.append(DetectedObject(names[index], shape, area, float(xs.mean()) + 0.5,
                                           float(ys.mean()) + 0.5, size))
-    return shapes_judge._PALETTE_NAMES[background], objects
+    return names[background], objects
 
 
 def _largest(objects: list[DetectedObject], **match) -> DetectedObject | None:

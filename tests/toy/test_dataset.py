@@ -57,4 +57,4 @@ def test_unknown_names_are_rejected_with_the_choices():
     with pytest.raises(ValueError, match="circle"):
         dataset.shape_mask("hexagon", 30.0, 32.0, 32.0)
     with pytest.raises(ValueError, match="choose one of"):
-        dataset.render(dataset.ShapeSample("pink", "circle", "red", 30.0, 32.0, 32.0))
+        dataset.render(dataset.ShapeSample("teal", "circle", "red", 30.0, 32.0, 32.0))
