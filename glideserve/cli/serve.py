@@ -175,6 +175,9 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                        "the threshold and both models' step-time shares every S seconds (default 5) from "
                        "demand with the allocation MILP (needs --default-slo-ms). Both models are served "
                        "(no --model needed); the discriminator defaults to the bundled one of the light model."),
+        data_dir: Optional[Path] = typer.Option(None, help="Folder of fine-tuning datasets (one folder of image + "
+                                                "caption pairs each): turns on /v1/fine_tuning/jobs and "
+                                                "POST /v1/files; the adapters go to --lora-dir."),
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
@@ -213,8 +216,14 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                 stages = [cascade_config.heavy, cascade_config.light]
                 model = [given.get(name, name) for name in stages] + [m for n, m in given.items() if n not in stages]
                 config = dataclasses.replace(config, model_id=model_id_for(cascade_config.heavy))
+            if data_dir is not None and (system is not System.glideserve or cascade is not None or lora_dir is None):
+                raise ValueError("--data-dir (fine-tuning) needs --system glideserve, no --cascade, and --lora-dir "
+                                 "for the adapters it produces")
             backend = make_backend(system, model, max_loaded_models=max_loaded_models,
                                    weights_memory_gb=weights_memory_gb, **options)
+            if data_dir is not None:
+                data_dir.mkdir(parents=True, exist_ok=True)
+                backend.attach_fine_tuning(str(data_dir))
             if cascade_config is not None:
                 from glideserve.cascade.serving import build_cascade_backend
 

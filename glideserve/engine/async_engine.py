@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from glideserve.cache.policy import parse_cache_policy
 from glideserve.config import EngineConfig
@@ -26,6 +27,9 @@ from glideserve.params import GenerationParams, resolve_lora
 from glideserve.runner.lora import available_adapters
 from glideserve.scheduler.profile import LatencyProfile
 from glideserve.scheduler.scheduler import SchedulerCounters
+
+if TYPE_CHECKING:
+    from glideserve.finetune.service import FineTuningService
 
 log = logging.getLogger(__name__)
 ModelLoader = Callable[[ModelSource, "LatencyProfile | None"], EngineCore]
@@ -91,6 +95,7 @@ class AsyncEngine:
         self._finished_loads: list[tuple[ModelSlot, EngineCore | None, float, BaseException | None]] = []
         self._retired = SchedulerCounters()  # counters of cores unloaded since start, and cold refusals
         self._listeners: list[Callable[[StepStats], None]] = []
+        self.fine_tuning = None  # a FineTuningService once attach_fine_tuning is called
         self._loop: Future | None = None
         self._accepting = True
         self._stop = False
@@ -289,6 +294,18 @@ class AsyncEngine:
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)
 
+    def attach_fine_tuning(self, data_dir: str) -> "FineTuningService":
+        """Serve fine-tuning jobs on datasets under ``data_dir``: the loop runs their micro-steps when no
+        request's deadline needs the time (see glideserve.finetune.service)."""
+        from glideserve.finetune.service import FineTuningService
+
+        def resources(slot: ModelSlot):
+            core = slot.core
+            return None if core is None else (core.runner.family, core.runner.loras, core.scheduler.memory)
+
+        self.fine_tuning = FineTuningService(data_dir, {s.name: (lambda s=s: resources(s)) for s in self.models.slots})
+        return self.fine_tuning
+
     async def shutdown(self, drain: bool = True) -> None:
         self._accepting = False
         if not drain:
@@ -300,6 +317,8 @@ class AsyncEngine:
         if self._loop is not None:
             await asyncio.wrap_future(self._loop)
             self._loop = None
+        if self.fine_tuning is not None:  # the loop has stopped: no micro-step runs beside the checkpoint
+            await asyncio.to_thread(self.fine_tuning.checkpoint_now)
         await asyncio.to_thread(self._compute.close)
 
     # -- the loop thread -----------------------------------------------------------------
@@ -316,11 +335,30 @@ class AsyncEngine:
             if slot is None:
                 if not busy and self._stop:
                     return
+                if self._train(idle=not busy):
+                    continue
                 if not events:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                 continue
             self._step(slot)
+            self._train(idle=False)
+
+    def _train(self, idle: bool) -> bool:
+        """One fine-tuning micro-step if a job waits and no request could miss its deadline by it."""
+        service = self.fine_tuning
+        if service is None or self._stop or not service.wants_step():
+            return False
+        with self._lock:
+            budget = math.inf if idle else self.models.least_slack_s(time.monotonic())
+        if not service.may_run(budget):
+            service.note_paused()
+            return False
+        try:
+            return service.run_micro_step()
+        except Exception:  # training must never stop the loop that serves requests
+            log.exception("fine-tuning micro-step failed")
+            return False
 
     def _needed(self, slot: ModelSlot) -> bool:
         """Whether the loop must keep running for ``slot``; once stopping, a load nobody waits for is not."""

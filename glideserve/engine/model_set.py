@@ -18,6 +18,8 @@ decisions, so they can be tested without a model:
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,3 +300,19 @@ class ModelSet:
             if not share > 0:
                 raise ValueError(f"the share of {name!r} must be positive, got {share}")
             self.get(name).share = float(share)
+
+    def least_slack_s(self, now: float) -> float:
+        """The least slack of every resident model's requests (inf when none has work); 0 while a best-effort
+        request or a load waits: those want the machine now and have no slack to lend (to fine-tuning)."""
+        slack = math.inf
+        for slot in self.slots:
+            if slot.pending:
+                return 0.0
+            core = slot.core
+            if core is None or not core.has_unfinished():
+                continue
+            least = core.scheduler.least_slack_s(now)
+            if least is None or core.scheduler.has_best_effort():
+                return 0.0
+            slack = min(slack, least)
+        return slack

@@ -377,6 +377,10 @@ class Scheduler:
         step_s = self.planner.step_s(self._running.values()) or self.planner.step_s(requests[:1])
         return min(r.deadline - now - r.remaining_steps * step_s for r in requests)
 
+    def has_best_effort(self) -> bool:
+        """Whether a request without a deadline is waiting, paused or running."""
+        return any(r.deadline is None for r in (*self._running.values(), *self._paused.values(), *self._waiting))
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running or self._paused or self._decoding or self._to_free
                     or self._pending_events)

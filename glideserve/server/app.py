@@ -12,7 +12,7 @@ from typing import Callable
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
 
-from glideserve.server import images
+from glideserve.server import fine_tuning, images
 from glideserve.server.accounting import AccountingMiddleware, redact_access_log
 from glideserve.server.backend import Backend
 from glideserve.server.errors import BodyReadError, BodySizeLimitMiddleware, error_json, install_error_handlers
@@ -61,14 +61,17 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
     redact_access_log()
     app.state.server = state
     install_error_handlers(app)
+    service = getattr(backend, "fine_tuning", None)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes,
-                       upload_max_bytes=config.max_lora_upload_bytes if config.lora_uploads else None)
+                       upload_max_bytes=config.max_lora_upload_bytes if config.lora_uploads else None,
+                       dataset_max_bytes=None if service is None else service.limits.max_zip_bytes)
     body_timeouts = state.http_metrics.connection_timeouts.labels(kind="body")
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=config.limits.body_timeout_s, on_timeout=body_timeouts.inc)
     app.include_router(images.router)
     app.include_router(images.public_router)
     app.include_router(_v1_router())
     app.include_router(_ops_router())
+    app.include_router(fine_tuning.router())
     return app
 
 

@@ -193,6 +193,14 @@ def is_lora_upload(scope: Scope) -> bool:
     return (method == "PUT" and path.startswith(LORA_UPLOAD_PREFIX)) or (method == "POST" and path == LORA_FORM_PATH)
 
 
+DATASET_UPLOAD_PATH = "/v1/files"
+
+
+def is_dataset_upload(scope: Scope) -> bool:
+    """``POST /v1/files``: a fine-tuning dataset zip (multipart)."""
+    return scope.get("method") == "POST" and scope.get("path", "") == DATASET_UPLOAD_PATH
+
+
 class BodySizeLimitMiddleware:
     """Rejects request bodies over ``max_bytes`` with 413, by header and while streaming.
 
@@ -200,10 +208,12 @@ class BodySizeLimitMiddleware:
     body; counting received chunks also stops chunked uploads that lie or omit it.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None):
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None,
+                 dataset_max_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.upload_max_bytes = upload_max_bytes  # PUT /v1/loras/{name}, POST /v1/loras: a whole adapter file
+        self.dataset_max_bytes = dataset_max_bytes  # POST /v1/files: a fine-tuning dataset zip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -215,6 +225,9 @@ class BodySizeLimitMiddleware:
             limit = self.upload_max_bytes + (MULTIPART_OVERHEAD_BYTES if scope.get("method") == "POST" else 0)
         too_large = (f"the adapter file exceeds {limit} bytes (--max-lora-upload-mb)" if upload else
                      f"the request body exceeds {limit} bytes; shorten the prompt or split the request")
+        if self.dataset_max_bytes is not None and is_dataset_upload(scope):
+            limit = self.dataset_max_bytes + MULTIPART_OVERHEAD_BYTES
+            too_large = f"the dataset zip exceeds {self.dataset_max_bytes} bytes"
         for name, value in scope.get("headers", ()):
             length = parse_content_length(value) if name == b"content-length" else None
             if length is not None and length > limit:

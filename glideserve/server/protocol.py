@@ -352,3 +352,31 @@ def error_response_body(status: int, message: str, param: str | None = None, cod
     """The envelope ``{"error": {message, type, param, code}}`` for an answer with ``status``."""
     error_type = error_type_for(status)
     return ErrorResponse(error=ErrorBody(message=message, type=error_type, param=param, code=code)).model_dump()
+
+
+class FineTuneHyperparameters(BaseModel):
+    """Training settings of a fine-tuning job (LoRA on the model's denoiser)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_steps: int = Field(200, ge=1, le=100_000, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, le=64)
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, allow_inf_nan=False)
+    lora_rank: int = Field(8, ge=1, le=128)
+    lora_alpha: float | None = Field(None, gt=0, le=1024, allow_inf_nan=False)
+    target_modules: list[str] | None = Field(None, min_length=1, max_length=16)
+    checkpoint_every: int = Field(50, ge=1, le=100_000)
+
+
+class FineTuningJobRequest(BaseModel):
+    """``POST /v1/fine_tuning/jobs``, after OpenAI's: the served ``model``, a dataset (``training_file``: a
+    folder under the server's --data-dir, or the id ``POST /v1/files`` returned), the adapter's name
+    (``suffix``), ``seed`` and the hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=64)
+    training_file: str = Field(min_length=1, max_length=64)
+    suffix: str = Field(min_length=1, max_length=64, description="the adapter's name once trained")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    hyperparameters: FineTuneHyperparameters = FineTuneHyperparameters()
