@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -123,8 +125,8 @@ def check_caption(data: bytes, name: str, limits: DatasetLimits) -> str:
 def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
     """The member's relative path, None for a directory; refuses absolute names, '..', links and devices."""
     name = info.filename
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+    kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip did not record a Unix file type
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
         raise InvalidRequestError(f"the zip holds {name!r}, which is not a regular file or folder", "file")
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or ":" in name or not name or "\x00" in name:
@@ -161,15 +163,27 @@ def unpack_zip(data: bytes, destination: Path, limits: DatasetLimits = DatasetLi
                 raise InvalidRequestError(f"the zip holds two files named {path.name}", "file")
             members[path.name] = info
         destination.mkdir(parents=True, exist_ok=False)
-        written = 0
-        for name, info in members.items():
+        try:
+            _extract(archive, members, destination, limits)
+        except BaseException:
+            shutil.rmtree(destination, ignore_errors=True)
+            raise
+    return destination
+
+
+def _extract(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], destination: Path,
+             limits: DatasetLimits) -> None:
+    written = 0
+    for name, info in members.items():
+        try:
             with archive.open(info) as source:
                 # Read at most what the directory declared (+1 to notice a lie): the directory is untrusted.
                 content = source.read(info.file_size + 1)
-            if len(content) != info.file_size:
-                raise InvalidRequestError(f"{name} unpacks to more bytes than the zip declares", "file")
-            written += len(content)
-            if written > limits.max_unpacked_bytes:
-                raise InvalidRequestError("the zip unpacks to more than it declares", "file")
-            (destination / name).write_bytes(content)
-    return destination
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            raise InvalidRequestError(f"the zip is damaged at {name}: {exc}", "file") from None
+        if len(content) != info.file_size:
+            raise InvalidRequestError(f"{name} unpacks to more bytes than the zip declares", "file")
+        written += len(content)
+        if written > limits.max_unpacked_bytes:
+            raise InvalidRequestError("the zip unpacks to more than it declares", "file")
+        (destination / name).write_bytes(content)

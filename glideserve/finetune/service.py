@@ -191,6 +191,8 @@ class FineTuningService:
         self._step_s = elapsed if self._step_s is None else 0.8 * self._step_s + 0.2 * elapsed
         trainer = self._trainer
         with self._lock:
+            if job.status in TERMINAL:  # cancelled while this step ran: freed at the next call
+                return True
             if job.status == "paused":
                 job.event("resumed")
             job.status, job.step, job.loss = "running", trainer.state.step, round(loss, 6)
@@ -204,19 +206,22 @@ class FineTuningService:
         return True
 
     def checkpoint_now(self) -> None:
-        """Save the running job (at shutdown: a restarted server resumes it from here)."""
+        """Save the running job and free its trainer (at shutdown: a restarted server resumes from here;
+        called between micro-steps, the next one rebuilds the trainer from this checkpoint)."""
         job = self.jobs.get(self._trainer_job or "")
         if self._trainer is not None and job is not None and job.status not in TERMINAL:
             self._trainer.save_checkpoint(self._checkpoint(job))
             log.info("fine-tuning job %s checkpointed at step %d", job.id, job.step)
+        with self._lock:
+            self._release()
 
     # -- internals -----------------------------------------------------------------------
     def _current(self) -> FineTuneJob | None:
         with self._lock:
             if self._trainer_job is not None:
                 return self.jobs[self._trainer_job]
-            queued = [j for j in self.jobs.values() if j.status == "queued"]
-            return min(queued, key=lambda j: j.created_at) if queued else None
+            waiting = [j for j in self.jobs.values() if j.status not in TERMINAL]
+            return min(waiting, key=lambda j: j.created_at) if waiting else None
 
     def _start(self, job: FineTuneJob) -> bool:
         from glideserve.finetune.trainer import LoRATrainer
@@ -238,6 +243,9 @@ class FineTuningService:
             job.event(f"resumed from the checkpoint at step {trainer.state.step}")
         with self._lock:
             self._trainer, self._trainer_job, self._ledger, self._store = trainer, job.id, ledger, store
+            if job.status in TERMINAL:  # cancelled while the trainer was built
+                self._release()
+                return False
             job.status = "running"
             job.event("training started", memory_bytes=trainer.memory_bytes)
         return True

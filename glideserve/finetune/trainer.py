@@ -108,9 +108,11 @@ class LoRATrainer:
         for parameter in base.parameters():  # shared with serving, which runs under inference_mode anyway
             parameter.requires_grad_(False)
         self.denoiser = shared_clone(base)
-        self.denoiser.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha or config.rank,
-                                             target_modules=list(config.target_modules), init_lora_weights=True),
-                                  adapter_name=config.adapter_name)
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: seed it
+            torch.manual_seed(config.seed)
+            self.denoiser.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha or config.rank,
+                                                 target_modules=list(config.target_modules), init_lora_weights=True),
+                                      adapter_name=config.adapter_name)
         self.denoiser.train()
         self.lora = [(name, p) for name, p in self.denoiser.named_parameters() if "lora_" in name]
         for _, parameter in self.lora:

@@ -59,7 +59,7 @@ class LiveServer:
     """
 
     def __init__(self, model: str | Path | list[str], config: ServerConfig = ServerConfig(),
-                 system: str = "glideserve", cascade=None, **engine_config):
+                 system: str = "glideserve", cascade=None, data_dir: Path | None = None, **engine_config):
         from glideserve.cli.serve import System, make_backend
         from glideserve.server.run import DrainingServer, uvicorn_config
 
@@ -70,6 +70,8 @@ class LiveServer:
             from glideserve.cascade.serving import build_cascade_backend
 
             self.backend = build_cascade_backend(self.backend, cascade, config.default_slo_ms)
+        if data_dir is not None:  # fine-tuning jobs on the datasets there
+            self.backend.attach_fine_tuning(str(data_dir))
         self.app = create_app(self.backend, config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
