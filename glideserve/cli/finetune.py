@@ -81,15 +81,17 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
     @app.command("concept-dataset")
     def concept_dataset(color: str = typer.Option("pink", help="The new colour to teach."),
                         count: int = typer.Option(240, min=1, max=10_000), seed: int = typer.Option(0),
+                        prior: int = typer.Option(0, min=0, max=10_000, help="Pairs of the known colours to "
+                                                  "mix in (prior preservation)."),
                         out: Path = typer.Option(..., help="New folder for the pairs.")) -> None:
         """Write a fine-tuning dataset of a colour the bundled models never saw (shapes in that colour)."""
         from glideserve.toy.concept import write_concept_dataset
 
         try:
-            write_concept_dataset(out, color, count, seed)
+            write_concept_dataset(out, color, count, seed, prior)
         except (ValueError, FileExistsError) as exc:
             fail(str(exc))
-        typer.echo(f"wrote {count} pairs to {out}")
+        typer.echo(f"wrote {count + prior} pairs to {out}")
 
     @eval_app.command("concept")
     def eval_concept(
@@ -112,3 +114,32 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                        f"{row['color']:>7.3f}{row['shape']:>7.3f}{row['background']:>7.3f}")
         if out is not None:
             out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    @bench_app.command("finetune")
+    def bench_finetune(
+        model: str = typer.Option(DEFAULT_MODEL),
+        trace: str = typer.Option("maf_trace_1to8qps.csv", help="Trace CSV: a path or a bundled trace's name."),
+        factor: float = typer.Option(0.8, min=0.01, max=10, help="Offered load as a multiple of the capacity "
+                                     "(1 / the isolated latency)."),
+        duration: float = typer.Option(45.0, min=5, help="Seconds the trace is fitted into."),
+        slo_scale: float = typer.Option(5.0, min=1, help="SLO as a multiple of the isolated latency."),
+        idle: float = typer.Option(15.0, min=1, help="Seconds the job's idle speed is measured."),
+        out: Optional[Path] = typer.Option(None, help="JSON file for the results."),
+    ) -> None:
+        """SLO attainment under a trace without and with a fine-tuning job, and the job's steps/min idle and
+        under load (one run, fresh servers)."""
+        from glideserve.bench import finetune_run
+        from glideserve.cli.cascade import BUNDLED_TRACES
+
+        path = Path(trace)
+        if not path.is_file() and (BUNDLED_TRACES / trace).is_file():
+            path = BUNDLED_TRACES / trace
+        if not path.is_file():
+            fail(f"no trace {trace!r}: give a CSV path or one of {', '.join(p.name for p in BUNDLED_TRACES.glob('*.csv'))}")
+        rows = finetune_run.run(model, path, factor, duration, slo_scale, idle, out)
+        typer.echo(f"{'phase':<10}{'requests':>9}{'on time':>8}{'late':>6}{'refused':>8}{'dropped':>8}"
+                   f"{'SLO att.':>9}{'job steps/min idle':>20}{'under load':>12}")
+        for r in rows:
+            typer.echo(f"{r['phase']:<10}{r['requests']:>9}{r['on_time']:>8}{r['late']:>6}{r['refused']:>8}"
+                       f"{r['dropped']:>8}{r['slo_attainment']:>9.3f}{r.get('job_steps_per_min_idle', ''):>20}"
+                       f"{r.get('job_steps_per_min_under_load', ''):>12}")

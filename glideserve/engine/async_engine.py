@@ -354,11 +354,17 @@ class AsyncEngine:
         if not service.may_run(budget):
             service.note_paused()
             return False
+        start = time.perf_counter()
         try:
-            return service.run_micro_step()
+            ran = service.run_micro_step()
         except Exception:  # training must never stop the loop that serves requests
             log.exception("fine-tuning micro-step failed")
-            return False
+            ran = False
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            for slot in self.models.loaded():
+                slot.core.exclude_from_cycle(elapsed)
+        return ran
 
     def _needed(self, slot: ModelSlot) -> bool:
         """Whether the loop must keep running for ``slot``; once stopping, a load nobody waits for is not."""

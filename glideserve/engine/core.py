@@ -185,6 +185,13 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def exclude_from_cycle(self, seconds: float) -> None:
+        """Leave ``seconds`` of other work (a fine-tuning micro-step) out of the step time the profile
+        learns from the interval between two steps."""
+        if self._busy_cycle is not None:
+            start, result = self._busy_cycle
+            self._busy_cycle = (start + seconds, result)
+
     def _record(self, plan, result, duration: float) -> None:
         self.steps_total += 1
         self.last_step = StepStats(duration, len(plan.scheduled), plan.num_rows, len(plan.new_requests),

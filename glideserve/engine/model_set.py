@@ -302,8 +302,9 @@ class ModelSet:
             self.get(name).share = float(share)
 
     def least_slack_s(self, now: float) -> float:
-        """The least slack of every resident model's requests (inf when none has work); 0 while a best-effort
-        request or a load waits: those want the machine now and have no slack to lend (to fine-tuning)."""
+        """The least slack of every resident model's requests, their admission margins kept (inf when none
+        has work); 0 while a best-effort request or a load waits: those want the machine now and have no
+        slack to lend (to fine-tuning)."""
         slack = math.inf
         for slot in self.slots:
             if slot.pending:
@@ -311,7 +312,7 @@ class ModelSet:
             core = slot.core
             if core is None or not core.has_unfinished():
                 continue
-            least = core.scheduler.least_slack_s(now)
+            least = core.scheduler.least_slack_s(now, keep_margin=True)
             if least is None or core.scheduler.has_best_effort():
                 return 0.0
             slack = min(slack, least)

@@ -367,15 +367,18 @@ class Scheduler:
         self._waiting.remove(req)
 
     # -- introspection -------------------------------------------------------------
-    def least_slack_s(self, now: float) -> float | None:
+    def least_slack_s(self, now: float, keep_margin: bool = False) -> float | None:
         """The smallest slack (deadline - now - predicted remaining steps) of the requests with a
-        deadline, or None when none has one; what another model's steps must not eat into."""
+        deadline, or None when none has one; what another model's steps must not eat into. With
+        ``keep_margin`` the admission margin (that share of each SLO, kept for prediction error) is
+        not counted as slack: what work outside inference (fine-tuning) may use."""
         requests = [r for r in (*self._running.values(), *self._paused.values(), *self._waiting)
                     if r.deadline is not None]
         if not requests:
             return None
         step_s = self.planner.step_s(self._running.values()) or self.planner.step_s(requests[:1])
-        return min(r.deadline - now - r.remaining_steps * step_s for r in requests)
+        margin = self.config.admission_margin if keep_margin else 0.0
+        return min(r.deadline - now - r.remaining_steps * step_s - margin * r.slo_s for r in requests)
 
     def has_best_effort(self) -> bool:
         """Whether a request without a deadline is waiting, paused or running."""

@@ -17,9 +17,13 @@ def concept_combinations(color: str) -> list[tuple[str, str, str]]:
     return [(color, shape, background) for shape in dataset.SHAPES for background in dataset.COLORS]
 
 
-def write_concept_dataset(folder: Path, color: str, count: int, seed: int = 0) -> Path:
-    """``count`` image + caption pairs of the concept, one PNG and one .txt each, in a new ``folder``."""
+def write_concept_dataset(folder: Path, color: str, count: int, seed: int = 0, prior: int = 0) -> Path:
+    """``count`` image + caption pairs of the concept, one PNG and one .txt each, in a new ``folder``; plus
+    ``prior`` pairs of the concepts the model knows (DreamBooth's prior preservation: without them the
+    adapter drifts the old colours towards the new one)."""
     samples = dataset.random_samples(count, seed, combinations=concept_combinations(color))
+    if prior:
+        samples += dataset.random_samples(prior, seed + 1)
     folder.mkdir(parents=True, exist_ok=False)
     for i, sample in enumerate(samples):
         Image.fromarray(dataset.render(sample)).save(folder / f"{i:05d}.png")

@@ -67,7 +67,8 @@ def test_a_micro_step_runs_only_where_twice_its_time_fits_in_the_least_slack(tmp
 
 
 def _slot(name, least_slack=None, best_effort=False, unfinished=True, pending=()):
-    scheduler = types.SimpleNamespace(least_slack_s=lambda now: least_slack, has_best_effort=lambda: best_effort)
+    scheduler = types.SimpleNamespace(least_slack_s=lambda now, keep_margin=False: least_slack,
+                                      has_best_effort=lambda: best_effort)
     core = types.SimpleNamespace(scheduler=scheduler, has_unfinished=lambda: unfinished)
     return types.SimpleNamespace(name=name, core=core, pending=list(pending))
 
@@ -84,3 +85,12 @@ def test_the_least_slack_covers_every_model_and_lends_nothing_to_best_effort_wor
     assert models.least_slack_s(0.0) == 0.0
     models.slots = [_slot("a", unfinished=False)]
     assert models.least_slack_s(0.0) == math.inf
+
+
+def test_time_spent_training_is_left_out_of_the_step_time_the_profile_learns(core):
+    core._busy_cycle = (100.0, "result")
+    core.exclude_from_cycle(0.25)
+    assert core._busy_cycle == (100.25, "result")
+    core._busy_cycle = None
+    core.exclude_from_cycle(0.25)  # idle: nothing to adjust
+    assert core._busy_cycle is None
