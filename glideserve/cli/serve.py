@@ -110,6 +110,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
             None, help="Base of the image URLs handed out, e.g. https://images.example.com (default: relative "
                        "URLs; the client's Host header is never used)."),
         docs: bool = typer.Option(False, help="Serve /docs and /redoc (their pages load scripts from a public CDN)."),
+        dashboard: bool = typer.Option(True, help="Serve the live dashboard at /dashboard (its data at "
+                                                  "GET /v1/dashboard, which honours --api-key)."),
         drain_timeout: float = typer.Option(30.0, min=0.001, help="Seconds SIGTERM waits for admitted requests; "
                                                                   "the rest then fail with 503 drain_timeout."),
         header_timeout: float = typer.Option(10.0, min=0.001, help="Seconds a client has to send request "
@@ -189,6 +191,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         try:
             config = ServerConfig(model_id=model_id_for(model[0]), api_key=api_key, max_queue=max_queue,
                                   warmup=warmup, default_slo_ms=default_slo_ms, public_url=public_url, docs=docs,
+                                  dashboard=dashboard,
                                   lora_uploads=lora_uploads, max_lora_upload_bytes=int(max_lora_upload_mb * 2**20),
                                   limits=HttpLimits(drain_timeout_s=drain_timeout, header_timeout_s=header_timeout,
                                                     body_timeout_s=body_timeout,

@@ -41,6 +41,7 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
     async def lifespan(app: FastAPI):
         await backend.start()
         backend.add_step_listener(state.metrics.on_step)
+        sampler = asyncio.create_task(state.dashboard.run()) if state.dashboard is not None else None
         warmup = asyncio.create_task(state.warm_up()) if config.warmup else None
         if warmup is None:
             state.mark_ready()
@@ -48,6 +49,8 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
             yield
         finally:
             state.begin_drain()
+            if sampler is not None:
+                sampler.cancel()
             if warmup is not None:
                 warmup.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -72,6 +75,8 @@ def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
     app.include_router(_v1_router())
     app.include_router(_ops_router())
     app.include_router(fine_tuning.router())
+    if state.dashboard is not None:
+        app.include_router(_dashboard_router())
     return app
 
 
@@ -207,6 +212,24 @@ def _ops_router() -> APIRouter:
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
         return HTMLResponse(_playground_html())
+
+    return router
+
+
+def _dashboard_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard_page() -> HTMLResponse:
+        return HTMLResponse(resources.files("glideserve.server").joinpath("static/dashboard.html")
+                            .read_text(encoding="utf-8"))
+
+    @router.get("/v1/dashboard", dependencies=[Depends(require_api_key)])
+    async def dashboard_data(request: Request, since: float = Query(0.0, ge=0, description="only samples after "
+                                                                    "this unix time")) -> dict:
+        """The live dashboard's samples (the last 10 minutes at most), read from the /metrics registry."""
+        state = get_state(request)
+        return {"model": state.model_id, "samples": state.dashboard.since(since)}
 
     return router
 

@@ -204,3 +204,49 @@ class CascadeCollector:
             shares.add_metric([state["light"]], plan["light_capacity"])
             shares.add_metric([state["heavy"]], plan["heavy_capacity"])
             yield shares
+
+
+class LoraCollector:
+    """``glideserve_loras_resident{model}``: adapters whose weights are in memory, per model that serves LoRAs."""
+
+    def __init__(self, model_cards: Callable[[], list[dict]], loras: Callable[[str], list[dict]]):
+        self._cards, self._loras = model_cards, loras
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("glideserve_loras_resident", "LoRA adapters resident in memory, by model",
+                                   labels=["model"])
+        for card in self._cards():
+            if not card.get("loaded", True):
+                continue
+            try:
+                adapters = self._loras(card["name"])
+            except Exception:  # a model without a LoRA folder, or one just unloaded: nothing to report
+                continue
+            if adapters:
+                family.add_metric([card["name"]], sum(bool(a.get("resident")) for a in adapters))
+        yield family
+
+
+class FineTuningCollector:
+    """Fine-tuning jobs by status, optimizer steps of every job, and the running job's last loss."""
+
+    def __init__(self, service):
+        self._service = service
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        jobs = list(self._service.jobs.values())
+        by_status = GaugeMetricFamily("glideserve_finetune_jobs", "Fine-tuning jobs by status", labels=["status"])
+        for status in ("queued", "running", "paused", "succeeded", "failed", "cancelled"):
+            by_status.add_metric([status], sum(j.status == status for j in jobs))
+        yield by_status
+        yield CounterMetricFamily("glideserve_finetune_steps", "Optimizer steps of fine-tuning jobs",
+                                  value=sum(j.step for j in jobs))
+        running = [j for j in jobs if j.status in ("running", "paused") and j.loss is not None]
+        yield GaugeMetricFamily("glideserve_finetune_loss", "Last training loss of the running job",
+                                value=running[0].loss if running else 0.0)

@@ -48,6 +48,7 @@ class ServerConfig:
     is the SLO of requests that carry no ``slo_ms`` (None: they are best effort).
     ``lora_uploads`` allows ``PUT``/``DELETE /v1/loras/{name}`` (off by default: an upload
     writes to the server's LoRA directory), with bodies up to ``max_lora_upload_bytes``.
+    ``dashboard`` serves the live dashboard (``/dashboard`` and ``GET /v1/dashboard``).
     """
 
     model_id: str | None = None
@@ -63,6 +64,7 @@ class ServerConfig:
     default_slo_ms: float | None = None
     lora_uploads: bool = False
     max_lora_upload_bytes: int = 64 * 1024 * 1024
+    dashboard: bool = True
 
     def __post_init__(self):
         if self.public_url is not None:
@@ -139,6 +141,12 @@ class ServerState:
         self.metrics = ServerMetrics(backend.stats, model_cards=self.model_cards,
                                      cascade=None if self.cascade is None else self.cascade.describe)
         self.http_metrics = HttpMetrics(self.metrics.registry)
+        self._register_optional_metrics(backend)
+        self.dashboard = None
+        if config.dashboard:
+            from glideserve.server.dashboard import DashboardHistory
+
+            self.dashboard = DashboardHistory(self.metrics.registry, slo_ms=lambda: config.default_slo_ms)
         self.images = ImageStore(config.max_stored_images, config.image_ttl_s)
         self.jobs: dict[str, GenerationJob] = {}
         self.ready = False
@@ -146,6 +154,15 @@ class ServerState:
         self.warmup_error: str | None = None
         self.created = int(time.time())
         self._on_ready = on_ready
+
+    def _register_optional_metrics(self, backend) -> None:
+        from glideserve.server.metrics import FineTuningCollector, LoraCollector
+
+        self.metrics.registry.register(LoraCollector(self.model_cards,
+                                                    lambda name: backend.loras(self.engine_model(name))))
+        service = getattr(backend, "fine_tuning", None)
+        if service is not None:
+            self.metrics.registry.register(FineTuningCollector(service))
 
     def begin_drain(self) -> None:
         self.draining = True

@@ -89,3 +89,18 @@ def test_the_exported_adapter_reads_as_a_served_lora(family, pairs, tmp_path):
     assert adapter.rank == 4
     assert all(scale == 2.0 for _, _, scale in adapter.layers.values())  # alpha 8 / rank 4
     assert {m.rpartition(".")[2] for m in adapter.layers} | {"0"} >= {"to_q", "to_k", "to_v"}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_an_sd15_unet_trains_with_its_own_prediction_type(tiny_sd15_dir, pairs, tmp_path, prediction):
+    unet_core = EngineCore.from_pretrained(tiny_sd15_dir, EngineConfig.from_kwargs(profile=False), name="sd15")
+    unet_family = unet_core.runner.family
+    unet_family.pipe.scheduler.register_to_config(prediction_type=prediction)
+    trainer = LoRATrainer(unet_family, _config(model="sd15", target_modules=("to_q", "to_v")), pairs)
+    assert trainer.ddpm.config.prediction_type == prediction
+    losses = [trainer.step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    trainer.export(tmp_path / "u.safetensors")
+    adapter = read_lora_file(tmp_path / "u.safetensors", "u", "unet", unet_family.pipeline_class, torch.float32,
+                             torch.device("cpu"))
+    assert adapter.layers and all(m.endswith(("to_q", "to_v")) for m in adapter.layers)
