@@ -165,3 +165,26 @@ def pixel_mismatch(a, b) -> str | None:
     if diff.max() > ROUNDING_TOLERANCE or (diff > 0).mean() > MAX_ROUNDED_FRACTION:
         return f"max difference {int(diff.max())}, {int((diff > 0).sum())} of {diff.size} values differ"
     return None
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def browser_marks() -> list:
+    """pytest marks of a browser test: Debian's chromium and the playwright package, or a skip saying which."""
+    import importlib.util
+
+    import pytest
+
+    return [pytest.mark.browser,
+            pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                               "(apt-get install -y chromium)"),
+            pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
+                               reason="needs the playwright Python package (pip install playwright)")]
+
+
+def launch_chromium(playwright):
+    """The system Chromium, headless, with no background traffic (no browser download involved)."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

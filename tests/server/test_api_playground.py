@@ -8,29 +8,21 @@ refresh the README's docs/playground.png instead.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
-from live_server import LiveServer
+from live_server import LiveServer, browser_marks, launch_chromium
 
 from glideserve.server import ServerConfig
 
-CHROMIUM = Path("/usr/bin/chromium")
 DOC_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
 BUNDLED_MODEL = "glide-tiny"
 STEPS = 20
 IMAGES = 3
 PREVIEWS = 2
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                       "(apt-get install -y chromium)"),
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                       reason="needs the playwright Python package (pip install playwright)"),
-]
+pytestmark = browser_marks()
 
 # Records every text the progress labels show, so a run that is faster than the
 # page's polling still proves that each step was displayed.
@@ -55,9 +47,7 @@ def test_playground_generates_with_live_progress_and_previews(toy_server, tmp_pa
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 820})
             page.goto(server.url + "/")
