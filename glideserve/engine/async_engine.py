@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import threading
 import time
 import uuid
@@ -299,11 +298,7 @@ class AsyncEngine:
         request's deadline needs the time (see glideserve.finetune.service)."""
         from glideserve.finetune.service import FineTuningService
 
-        def resources(slot: ModelSlot):
-            core = slot.core
-            return None if core is None else (core.runner.family, core.runner.loras, core.scheduler.memory)
-
-        self.fine_tuning = FineTuningService(data_dir, {s.name: (lambda s=s: resources(s)) for s in self.models.slots})
+        self.fine_tuning = FineTuningService.for_models(data_dir, self.models)
         return self.fine_tuning
 
     async def shutdown(self, drain: bool = True) -> None:
@@ -345,26 +340,10 @@ class AsyncEngine:
             self._train(idle=False)
 
     def _train(self, idle: bool) -> bool:
-        """One fine-tuning micro-step if a job waits and no request could miss its deadline by it."""
-        service = self.fine_tuning
-        if service is None or self._stop or not service.wants_step():
+        """One fine-tuning micro-step if one fits (the service decides, from every model's slack)."""
+        if self.fine_tuning is None or self._stop:
             return False
-        with self._lock:
-            budget = math.inf if idle else self.models.least_slack_s(time.monotonic())
-        if not service.may_run(budget):
-            service.note_paused()
-            return False
-        start = time.perf_counter()
-        try:
-            ran = service.run_micro_step()
-        except Exception:  # training must never stop the loop that serves requests
-            log.exception("fine-tuning micro-step failed")
-            ran = False
-        elapsed = time.perf_counter() - start
-        with self._lock:
-            for slot in self.models.loaded():
-                slot.core.exclude_from_cycle(elapsed)
-        return ran
+        return self.fine_tuning.between_steps(self.models, self._lock, idle)
 
     def _needed(self, slot: ModelSlot) -> bool:
         """Whether the loop must keep running for ``slot``; once stopping, a load nobody waits for is not."""

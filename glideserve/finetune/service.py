@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import shutil
 import threading
@@ -151,6 +152,38 @@ class FineTuningService:
         return job
 
     # -- the engine side (compute thread) ----------------------------------------------
+    @classmethod
+    def for_models(cls, data_dir: str | Path, models) -> "FineTuningService":
+        """A service over an engine's ``ModelSet``: a model's trainer resources exist while it is loaded."""
+        def resources(slot):
+            core = slot.core
+            return None if core is None else (core.runner.family, core.runner.loras, core.scheduler.memory)
+
+        return cls(Path(data_dir), {s.name: (lambda s=s: resources(s)) for s in models.slots})
+
+    def between_steps(self, models, lock, idle: bool) -> bool:
+        """The engine loop's call between two inference steps (or when ``idle``): one micro-step if a job
+        waits and twice its measured time fits in the least slack of every model's requests; the time it
+        took is left out of the step time the resident models learn. Never raises."""
+        if not self.wants_step():
+            return False
+        with lock:
+            budget = math.inf if idle else models.least_slack_s(time.monotonic())
+        if not self.may_run(budget):
+            self.note_paused()
+            return False
+        start = time.perf_counter()
+        try:
+            ran = self.run_micro_step()
+        except Exception:  # training must never stop the loop that serves requests
+            log.exception("fine-tuning micro-step failed")
+            ran = False
+        elapsed = time.perf_counter() - start
+        with lock:
+            for slot in models.loaded():
+                slot.core.exclude_from_cycle(elapsed)
+        return ran
+
     def wants_step(self) -> bool:
         with self._lock:
             return any(j.status not in TERMINAL for j in self.jobs.values()) or self._trainer is not None
