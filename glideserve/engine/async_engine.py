@@ -336,14 +336,27 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                 continue
+            start = time.perf_counter()
             self._step(slot)
+            self._exclude_from_cycles(time.perf_counter() - start, slot)
             self._train(idle=False)
 
     def _train(self, idle: bool) -> bool:
         """One fine-tuning micro-step if one fits (the service decides, from every model's slack)."""
         if self.fine_tuning is None or self._stop:
             return False
-        return self.fine_tuning.between_steps(self.models, self._lock, idle)
+        start = time.perf_counter()
+        ran = self.fine_tuning.between_steps(self.models, self._lock, idle)
+        self._exclude_from_cycles(time.perf_counter() - start)
+        return ran
+
+    def _exclude_from_cycles(self, seconds: float, own: ModelSlot | None = None) -> None:
+        """Work that was not a model's own step (another model's step, a fine-tuning micro-step) is not that
+        model's overhead: leave it out of the interval between its steps that its profile learns from."""
+        with self._lock:
+            for slot in self.models.loaded():
+                if slot is not own:
+                    slot.core.exclude_from_cycle(seconds)
 
     def _needed(self, slot: ModelSlot) -> bool:
         """Whether the loop must keep running for ``slot``; once stopping, a load nobody waits for is not."""

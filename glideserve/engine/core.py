@@ -186,8 +186,8 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def exclude_from_cycle(self, seconds: float) -> None:
-        """Leave ``seconds`` of other work (a fine-tuning micro-step) out of the step time the profile
-        learns from the interval between two steps."""
+        """Leave ``seconds`` of other work (another model's step, a fine-tuning micro-step) out of the
+        overhead the profile learns from the interval between two steps."""
         if self._busy_cycle is not None:
             start, result = self._busy_cycle
             self._busy_cycle = (start + seconds, result)

@@ -163,8 +163,7 @@ class FineTuningService:
 
     def between_steps(self, models, lock, idle: bool) -> bool:
         """The engine loop's call between two inference steps (or when ``idle``): one micro-step if a job
-        waits and twice its measured time fits in the least slack of every model's requests; the time it
-        took is left out of the step time the resident models learn. Never raises."""
+        waits and twice its measured time fits in the least slack of every model's requests. Never raises."""
         if not self.wants_step():
             return False
         with lock:
@@ -172,17 +171,11 @@ class FineTuningService:
         if not self.may_run(budget):
             self.note_paused()
             return False
-        start = time.perf_counter()
         try:
-            ran = self.run_micro_step()
+            return self.run_micro_step()
         except Exception:  # training must never stop the loop that serves requests
             log.exception("fine-tuning micro-step failed")
-            ran = False
-        elapsed = time.perf_counter() - start
-        with lock:
-            for slot in models.loaded():
-                slot.core.exclude_from_cycle(elapsed)
-        return ran
+            return False
 
     def wants_step(self) -> bool:
         with self._lock:
