@@ -3,7 +3,7 @@ job's progress idle and under load, in one run on one machine.
 
 Both phases run the same server configuration (``glideserve serve --policy slack --cache none --data-dir
 --lora-dir``); the second creates a long job first and measures its idle speed before the trace starts.
-Capacity is 1 / the server's median isolated latency (10 single requests 0.5 s apart, no job), the trace
+Capacity is 1 / the server's median isolated latency (10 requests one at a time after a warm-up, no job), the trace
 is fitted to ``factor`` x that rate over ``duration`` seconds, and the SLO is ``slo_scale`` x the latency.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from glideserve.bench.arrivals import fit_trace, load_trace
-from glideserve.bench.loadgen import RequestTemplate, run_open_loop, toy_captions
+from glideserve.bench.loadgen import RequestTemplate, measure_isolated_latency, run_open_loop, toy_captions
 from glideserve.bench.metrics import outcome_figures
 from glideserve.bench.server_process import ServerProcess
 
@@ -29,18 +28,6 @@ JOB = {"model": None, "training_file": "concept", "suffix": "bench-job", "seed":
 
 def _job_steps(url: str, job_id: str) -> int:
     return httpx.get(f"{url}/v1/fine_tuning/jobs/{job_id}", timeout=30).json()["trained_steps"]
-
-
-def isolated_latency_s(url: str, count: int = 10, interval_s: float = 0.5) -> float:
-    latencies = []
-    for i in range(count):
-        start = time.perf_counter()
-        answer = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle on a blue background",
-                                                                  "seed": i}, timeout=120)
-        answer.raise_for_status()
-        latencies.append(time.perf_counter() - start)
-        time.sleep(interval_s)
-    return statistics.median(latencies)
 
 
 def _server(model: str, root: Path, name: str) -> ServerProcess:
@@ -92,7 +79,7 @@ def run(model: str, trace: Path, factor: float, duration_s: float, slo_scale: fl
     if not (root / "data" / "concept").is_dir():
         write_concept_dataset(root / "data" / "concept", "pink", 240)
     with _server(model, root, "capacity") as server:
-        latency = isolated_latency_s(server.url)
+        latency = asyncio.run(measure_isolated_latency(server.url, toy_captions(64), RequestTemplate(), count=10))
     rate, slo_s = factor / latency, slo_scale * latency
     rows = [phase(model, root, with_job, trace, rate, slo_s, duration_s, idle_s) for with_job in (False, True)]
     if out is not None:

@@ -17,6 +17,14 @@ BUNDLED_PROFILES = Path(__file__).resolve().parents[1] / "data" / "profiles"
 BUNDLED_TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
 
 
+def resolve_trace(trace: str) -> Path:
+    """A trace CSV path as given, or the bundled trace of that name when no such file exists."""
+    path = Path(trace)
+    if not path.is_file() and (BUNDLED_TRACES / trace).is_file():
+        path = BUNDLED_TRACES / trace
+    return path
+
+
 def _threads(threads: Optional[int]) -> None:
     if threads is not None:
         import torch
@@ -150,9 +158,7 @@ def simulate(
     from glideserve.cascade.simulator import SimulationConfig
     from glideserve.cascade.simulator import simulate as run
 
-    path = Path(trace)
-    if not path.is_file() and (BUNDLED_TRACES / trace).is_file():
-        path = BUNDLED_TRACES / trace
+    path = resolve_trace(trace)
     try:
         if (rate is None) != (duration is None):
             raise ValueError("give --rate and --duration together (or neither, for the trace as it is)")
@@ -274,9 +280,7 @@ def bench_cascade(
     from glideserve.bench.cascade_run import CascadeBench, run_cascade_bench
     from glideserve.cascade.plots import plot_timelines
 
-    path = Path(trace)
-    if not path.is_file() and (BUNDLED_TRACES / trace).is_file():
-        path = BUNDLED_TRACES / trace
+    path = resolve_trace(trace)
     try:
         bench = CascadeBench(light, heavy, None if discriminator is None else str(discriminator), static_threshold,
                              str(path), overload, slo_scale, duration, per_level, tuple(policy), interval, seed)

@@ -129,11 +129,9 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         """SLO attainment under a trace without and with a fine-tuning job, and the job's steps/min idle and
         under load (one run, fresh servers)."""
         from glideserve.bench import finetune_run
-        from glideserve.cli.cascade import BUNDLED_TRACES
+        from glideserve.cli.cascade import BUNDLED_TRACES, resolve_trace
 
-        path = Path(trace)
-        if not path.is_file() and (BUNDLED_TRACES / trace).is_file():
-            path = BUNDLED_TRACES / trace
+        path = resolve_trace(trace)
         if not path.is_file():
             fail(f"no trace {trace!r}: give a CSV path or one of {', '.join(p.name for p in BUNDLED_TRACES.glob('*.csv'))}")
         rows = finetune_run.run(model, path, factor, duration, slo_scale, idle, out)
