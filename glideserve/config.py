@@ -116,6 +116,15 @@ class EngineConfig:
     ``max_loras`` adapters, holding at most ``lora_memory_mb`` of low-rank weights, stay
     resident (least recently used evicted first; an adapter larger than the budget is
     refused).
+
+    Execution (see ``glideserve.runner.compiled`` and ``glideserve.runner.precision``):
+    ``compile`` compiles the denoiser's repeated blocks with ``torch.compile`` (mode
+    ``compile_mode``) at the row counts ``compile_buckets`` (empty: powers of two up to
+    ``max_batch_rows``) and the sizes in ``profile_sizes`` (else the model's default size),
+    all at load time; ``attention`` picks PyTorch's SDPA kernel (``auto`` lets PyTorch
+    choose); ``quantize="fp8"`` stores the denoiser blocks' linear weights in float8
+    (weight-only). ``gpu_memory_fraction`` sizes the step's row budget and the caches'
+    budget from the device's memory (CUDA only; see ``glideserve.engine.memory_plan``).
     """
 
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -133,10 +142,17 @@ class EngineConfig:
     lora_dir: str | None = None
     max_loras: int = 16
     lora_memory_mb: float = 512.0
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_buckets: tuple[int, ...] = ()
+    attention: str = "auto"
+    quantize: str | None = None
+    gpu_memory_fraction: float | None = None
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        self._check_execution()
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
             raise ValueError("max_sequence_length must be in 1..512")
         if self.default_cache != AUTO_CACHE:
@@ -149,6 +165,27 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not self.lora_memory_mb > 0:
             raise ValueError(f"lora_memory_mb must be > 0, got {self.lora_memory_mb!r}")
+
+    def _check_execution(self) -> None:
+        from glideserve.runner.compiled import COMPILE_MODES
+        from glideserve.runner.precision import ATTENTION_BACKENDS, QUANTIZATIONS
+
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode == "reduce-overhead" and not self.device.startswith("cuda"):
+            raise ValueError("compile_mode 'reduce-overhead' captures CUDA graphs and needs a CUDA device; "
+                             "use 'default' on this device")
+        buckets = self.compile_buckets
+        if any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.scheduler.max_batch_rows
+               for b in buckets):
+            raise ValueError(f"compile_buckets must be row counts in 1..max_batch_rows "
+                             f"({self.scheduler.max_batch_rows}), got {buckets!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or None, got {self.quantize!r}")
+        if self.gpu_memory_fraction is not None and not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -111,3 +111,15 @@ def test_seed_reproduces_and_differs(tiny_sd3_dir):
 def test_spec_limits_sizes_to_the_position_table(tiny_sd3_dir):
     engine = Engine.from_pretrained(tiny_sd3_dir, max_sequence_length=MAX_SEQ)
     assert engine.spec.max_side == 64 * 2 * 2  # pos_embed_max_size x patch x VAE factor
+
+
+def test_sd3_compiled_matches_pipeline(tiny_sd3_dir):
+    """Compiled blocks (inductor) at padded row buckets: every image within 2/255 of diffusers' eager pipeline."""
+    results = _check_all(tiny_sd3_dir, "sd3", ["flow_euler"], [(32, 32), (24, 32)], compile=True,
+                         compile_buckets=(4, 16), profile_sizes=((32, 32), (32, 24)))
+    assert len(results) == 8
+
+
+def test_sdxl_compiled_matches_pipeline(tiny_sdxl_dir):
+    _check_all(tiny_sdxl_dir, "sdxl", ["euler", "ddim"], [(32, 32)], max_batch_rows=6, compile=True,
+               compile_buckets=(6,))

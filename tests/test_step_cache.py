@@ -479,7 +479,8 @@ def test_deepcache_rows_in_a_mixed_batch_get_what_they_get_alone(xl):
     mixed = {"a": _cache("deepcache:2"), "b": None}
     alone = {"a": _cache("deepcache:2"), "b": None}
     deep_calls = []
-    hook = unet.mid_block.register_forward_hook(lambda *a: deep_calls.append(a[1][0].shape[0]))
+    hook = unet.mid_block.register_forward_hook(
+        lambda module, args, kwargs, out: deep_calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
     try:
         for step, kind_a in enumerate([FULL, CACHED, CACHED, FULL, CACHED]):
             latents, timesteps, cond = _unet_inputs(unet, 3, seed=20 + step)

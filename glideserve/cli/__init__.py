@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from glideserve.cli import bench, caching, cascade, cluster, finetune, generate, profile, quality, serve, toy
+from glideserve.cli import (bench, caching, cascade, cluster, finetune, generate, performance, profile, quality, serve,
+                            toy)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Step-level serving engine for text-to-image diffusion models.")
@@ -13,7 +14,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Latency, throughput and load
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 
-for module in (generate, serve, profile, toy, bench, caching, quality, cascade, cluster, finetune):
+for module in (generate, serve, profile, toy, bench, performance, caching, quality, cascade, cluster, finetune):
     module.register(app, eval_app=eval_app, bench_app=bench_app)
 
 

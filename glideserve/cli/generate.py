@@ -10,6 +10,8 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from glideserve.cli.errors import fail
+from glideserve.cli.execution import (AttentionOpt, CompileBucketsOpt, CompileModeOpt, CompileOpt, MemoryFractionOpt,
+                                     QuantizeOpt, execution_options)
 from glideserve.errors import GlideServeError, InvalidRequestError
 from glideserve.params import GenerationParams, parse_size
 from glideserve.models import DEFAULT_MODEL
@@ -100,6 +102,11 @@ def generate(
     lora: Optional[list[str]] = typer.Option(None, "--lora", help="LoRA adapter NAME or NAME:SCALE from --lora-dir "
                                              "(repeatable)."),
     lora_dir: Optional[Path] = typer.Option(None, help="Folder of LoRA adapters (.safetensors)."),
+    compile: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
+    compile_buckets: CompileBucketsOpt = None,
+    attention: AttentionOpt = "auto",
+    quantize: QuantizeOpt = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate images; several prompts are batched step by step in one engine."""
@@ -116,7 +123,9 @@ def generate(
                                         max_batch_rows=max_batch_rows, max_waiting=max(len(params), 1),
                                         num_threads=threads, device=device, dtype=dtype, default_cache=cache,
                                         latent_aware=latent_aware,
-                                        lora_dir=None if lora_dir is None else str(lora_dir))
+                                        lora_dir=None if lora_dir is None else str(lora_dir),
+                                        **execution_options(compile, compile_mode, compile_buckets, attention,
+                                                            quantize))
         results = engine.generate(params, progress=not quiet)
     except GlideServeError as exc:
         fail(exc.message)

@@ -11,6 +11,8 @@ from typing import List, Optional
 import typer
 
 from glideserve.cli.errors import fail
+from glideserve.cli.execution import (AttentionOpt, CompileBucketsOpt, CompileModeOpt, CompileOpt, MemoryFractionOpt,
+                                     QuantizeOpt, execution_options)
 from glideserve.errors import GlideServeError
 from glideserve.models import DEFAULT_MODEL
 
@@ -180,6 +182,12 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         data_dir: Optional[Path] = typer.Option(None, help="Folder of fine-tuning datasets (one folder of image + "
                                                 "caption pairs each): turns on /v1/fine_tuning/jobs and "
                                                 "POST /v1/files; the adapters go to --lora-dir."),
+        compile: CompileOpt = False,
+        compile_mode: CompileModeOpt = "default",
+        compile_buckets: CompileBucketsOpt = None,
+        attention: AttentionOpt = "auto",
+        quantize: QuantizeOpt = None,
+        gpu_memory_fraction: MemoryFractionOpt = None,
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
@@ -205,7 +213,12 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                default_cache=cache, full_slots=full_slots, cache_memory_mb=cache_memory_mb,
                                min_full_fraction=min_full_fraction,
                                latent_aware=latent_aware, lora_dir=None if lora_dir is None else str(lora_dir),
-                               lora_memory_mb=lora_memory_mb)
+                               lora_memory_mb=lora_memory_mb,
+                               **execution_options(compile, compile_mode, compile_buckets, attention, quantize,
+                                                   gpu_memory_fraction))
+            elif compile or quantize or gpu_memory_fraction or attention != "auto":
+                raise ValueError("--compile, --quantize, --attention and --gpu-memory-fraction apply to "
+                                 "--system glideserve")
             cascade_config = None
             if cascade is not None:
                 from glideserve.cascade.serving import CascadeConfig

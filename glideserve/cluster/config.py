@@ -60,6 +60,11 @@ class EngineOptions(_Section):
     profile: bool = True
     device: str = Field("cpu", max_length=32)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: bool = False
+    compile_buckets: list[int] = Field(default_factory=list, max_length=16)
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    quantize: Literal["fp8"] | None = None
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
 
 
 class ModelDeployment(_Section):

@@ -52,7 +52,9 @@ class ModelReplica:
         self.engine = make_backend(System.glideserve, f"{self.model.name}={self.model.source}",
                                    max_batch_rows=engine.max_batch_rows, max_waiting=engine.max_queue,
                                    device=engine.device, dtype=engine.dtype, policy=engine.policy,
-                                   default_cache=engine.cache, profile=engine.profile)
+                                   default_cache=engine.cache, profile=engine.profile, compile=engine.compile,
+                                   compile_buckets=tuple(engine.compile_buckets), attention=engine.attention,
+                                   quantize=engine.quantize, gpu_memory_fraction=engine.gpu_memory_fraction)
         await self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._steps: deque[StepRecord] = deque(maxlen=10_000)

@@ -15,6 +15,8 @@ import torch
 from glideserve.cache.policy import AUTO_CACHE, parse_cache_policy
 from glideserve.config import EngineConfig
 from glideserve.errors import InvalidRequestError, ModelLoadError
+from glideserve.engine.execution import plan_budgets, prepare_denoiser, warm_up_compiled
+from glideserve.engine.memory_plan import DeviceMemory
 from glideserve.engine.profiling import load_or_measure
 from glideserve.models.loading import load_pipeline, pipeline_weight_bytes, serving_defaults, spec_from_pipeline
 from glideserve.models.spec import ModelSpec
@@ -79,10 +81,11 @@ class EngineCore:
     @classmethod
     def from_pretrained(cls, model: str, config: EngineConfig, *, single_file_config: str | None = None,
                         allow_unsafe_pickle: bool = False, latency_profile: LatencyProfile | None = None,
-                        name: str | None = None) -> "EngineCore":
+                        name: str | None = None, device_memory: DeviceMemory | None = None) -> "EngineCore":
         """Load ``model`` (served as ``name``, by default ``model`` itself); its latency profile is
         ``latency_profile`` when given (a model loaded again keeps the one it had), else cached or measured
-        as ``config`` says."""
+        as ``config`` says. Execution (``glideserve.engine.execution``): quantise, size the memory budgets
+        on ``device_memory`` (default: the device's own), compile, then profile."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         defaults = serving_defaults(model)
@@ -100,9 +103,13 @@ class EngineCore:
             log.info("step caching by default: %s (the %s family's default; --cache none for exact images)",
                      config.default_cache, spec.family)
         family = family_cls.create(pipe, spec, device, config.torch_dtype, config.max_sequence_length)
+        prepare_denoiser(family, config)
+        config, _ = plan_budgets(family, spec, config, device_memory)
         denoiser_config = family_cls.denoiser_of(pipe).config
         samplers = SamplerFactory(spec.flow_matching, pipe.scheduler, device, denoiser_config)
         runner = ModelRunner(family, samplers, config)
+        if runner.compiled is not None:
+            warm_up_compiled(runner, spec, config)
         profile = latency_profile
         if profile is None and config.profile:
             profile = load_or_measure(model, runner, spec, config)

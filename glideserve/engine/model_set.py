@@ -153,7 +153,14 @@ class ModelSlot:
                 "default_size": f"{spec.default_width}x{spec.default_height}" if spec else None,
                 "default_steps": spec.default_steps if spec else None,
                 "weights_bytes": self.weights_bytes or None, "load_s": round(self.load_s, 3) if self.loads else None,
-                "loads": self.loads, "unloads": self.unloads}
+                "loads": self.loads, "unloads": self.unloads, "compiled": self._compiled()}
+
+    def _compiled(self) -> dict | None:
+        compiled = self.core.runner.compiled if self.core is not None else None
+        if compiled is None:
+            return None
+        return {"buckets": list(compiled.buckets.sizes), "graphs": compiled.stats.graphs,
+                "compile_s": round(compiled.stats.compile_s, 2), "eager_calls": compiled.stats.eager_calls}
 
 
 class ModelSet:

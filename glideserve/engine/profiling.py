@@ -52,7 +52,19 @@ def profile_key(model: str, height: int, width: int, config: EngineConfig) -> st
     sched = config.scheduler
     return (f"{Path(model).name}@{model_fingerprint(model)}|{width}x{height}|{config.dtype}|{config.device}"
             f"|threads={torch.get_num_threads()}|rows={sched.max_batch_rows}|tokens={sched.max_latent_tokens}"
-            f"|decode={sched.max_decode_batch}|torch={torch.__version__}")
+            f"|decode={sched.max_decode_batch}|torch={torch.__version__}{_execution_key(config)}")
+
+
+def _execution_key(config: EngineConfig) -> str:
+    """Compiled, quantised or kernel-pinned steps take other times than eager ones."""
+    key = ""
+    if config.compile:
+        key += f"|compile={config.compile_mode}:{','.join(map(str, config.compile_buckets)) or 'pow2'}"
+    if config.quantize:
+        key += f"|quantize={config.quantize}"
+    if config.attention != "auto":
+        key += f"|attention={config.attention}"
+    return key
 
 
 class ProfileCache:

@@ -180,6 +180,11 @@ class RowAdapters:
     def active(self) -> bool:
         return bool(self._levels) and bool(self._plans[-1])
 
+    @property
+    def in_use(self) -> bool:
+        """Rows of the current forward carry adapters (some of its sub-batches may not)."""
+        return bool(self._levels)
+
     @contextlib.contextmanager
     def rows(self, per_row: list[tuple[tuple[LoraAdapter, float], ...]], device: torch.device):
         """Set the adapters of every row for one forward."""
@@ -284,6 +289,12 @@ def install_row_lora(module: nn.Module, paths, rows: RowAdapters, component: str
             setattr(parent, child, replacement)
         wrapped += 1
     return wrapped
+
+
+def targetable_linear_paths(module: nn.Module) -> list[str]:
+    """Paths of the linear layers of ``module`` a LoRA may target (see ``TARGETABLE_SUFFIXES``)."""
+    return [name for name, layer in module.named_modules()
+            if isinstance(layer, nn.Linear) and name.endswith(TARGETABLE_SUFFIXES)]
 
 
 def _suffix(module: str) -> str:

@@ -10,12 +10,15 @@ import torch
 
 from glideserve.cache.policy import StepKind, parse_cache_policy
 from glideserve.config import EngineConfig
+from glideserve.params import GenerationParams
 from glideserve.runner.batch import PersistentBatch, RequestState
+from glideserve.runner.compiled import BatchBuckets, CompileStats, allow_recompiles, default_buckets
 from glideserve.runner.encode import PromptEncoder
 from glideserve.runner.families.base import DenoiserFamily
 from glideserve.runner.feature_cache import FeatureCache, RowGroup
 from glideserve.runner.latent_aware import latent_aware_step
-from glideserve.runner.lora import TEXT_ENCODERS, LoraStore, install_row_lora
+from glideserve.runner.lora import TEXT_ENCODERS, LoraStore, install_row_lora, targetable_linear_paths
+from glideserve.runner.precision import attention_scope
 from glideserve.runner.samplers import SamplerFactory
 from glideserve.scheduler.output import (DecodeTiming, FinishedImage, GroupTiming, NewRequestData, RunnerOutput,
                                         SchedulerOutput)
@@ -34,6 +37,10 @@ class ModelRunner:
     sampler on its slice, and decodes (one
     batched VAE call per size) the denoised requests the plan lists. It never decides
     who runs or when to decode: that is the scheduler's.
+
+    With ``config.compile`` the family's block loop calls its blocks compiled at row
+    buckets; ``warm_up_compiled`` compiles every bucket at the given sizes (at load,
+    before the latency profile is measured) and then freezes the set of shapes.
     """
 
     def __init__(self, family: DenoiserFamily, samplers: SamplerFactory, config: EngineConfig):
@@ -45,6 +52,43 @@ class ModelRunner:
         self.loras = None if config.lora_dir is None else LoraStore(
             config.lora_dir, family.denoiser_prefix, family.pipeline_class, family.dtype, family.device,
             config.max_loras, _lora_modules(family), max_resident_bytes=int(config.lora_memory_mb * 2**20))
+        self.attention = config.attention
+        self.compiled = self._compile(config) if config.compile else None
+
+    def _compile(self, config: EngineConfig):
+        family = self.family
+        denoiser = family.denoiser_of(family.pipe)
+        if self.loras is not None:  # wrapped now: wrapping a layer after warm-up would change the compiled graphs
+            install_row_lora(denoiser, targetable_linear_paths(denoiser), family.lora_rows)
+        buckets = BatchBuckets(config.compile_buckets or default_buckets(config.scheduler.max_batch_rows))
+        return family.loop.compile(buckets, config.compile_mode)
+
+    @torch.inference_mode()
+    def warm_up_compiled(self, sizes: list[tuple[int, int]], progress=None) -> CompileStats:
+        """Compile every bucket at every (height, width) in ``sizes``; ``progress(done, total, message)``
+        after each. Afterwards other shapes run eager."""
+        family, compiled = self.family, self.compiled
+        allow_recompiles(len(sizes) * len(compiled.buckets) * len(family.repeated_blocks(
+            family.denoiser_of(family.pipe))))
+        cond = family.encode([""])[0]
+        generator = torch.Generator("cpu").manual_seed(0)
+        total, done = len(sizes) * len(compiled.buckets), 0
+        for height, width in sizes:
+            extra = family.row_cond(GenerationParams("warm-up", height=height, width=width))
+            for rows in compiled.buckets.sizes:
+                start = time.perf_counter()
+                shape = (rows, *family.spec.latent_shape(height, width))
+                latents = torch.randn(shape, generator=generator).to(family.device, family.dtype)
+                batch = {name: value.expand(rows, *value.shape[1:]) for name, value in {**cond, **extra}.items()}
+                with attention_scope(self.attention):
+                    family.forward(latents, torch.full((rows,), 500.0, device=family.device), batch)
+                done += 1
+                label = f"{rows} rows at {width}x{height}"
+                compiled.stats.warmup[label] = time.perf_counter() - start
+                if progress is not None:
+                    progress(done, total, f"{label} in {compiled.stats.warmup[label]:.1f} s")
+        compiled.freeze()
+        return compiled.stats
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
@@ -145,7 +189,7 @@ class ModelRunner:
             key = states[0].shape_key
             per_row = [s.lora for s in states for _ in range(s.rows)]
             scope = self.family.lora_rows.rows(per_row, self.family.device) if any(per_row) else nullcontext()
-            with scope:
+            with scope, attention_scope(self.attention):
                 noise, kinds = self.family.denoise(torch.cat(inputs), torch.cat(timesteps).to(self.family.device),
                                                    self.batch.group_cond(key, states), rows)
             offset = 0

@@ -122,7 +122,8 @@ def _v1_router() -> APIRouter:
         cards = state.model_cards()
         data = [ModelCard(id=c["name"], created=state.created, family=c.get("family"),
                           default_size=c.get("default_size"), default_steps=c.get("default_steps"),
-                          loaded=c.get("loaded", True), default=i == 0 and state.cascade is None)
+                          loaded=c.get("loaded", True), default=i == 0 and state.cascade is None,
+                          compiled=c.get("compiled"))
                 for i, c in enumerate(cards)]
         if state.cascade is not None:  # the default: each stage runs at its own model's defaults
             heavy = next(c for c in cards if c["name"] == state.cascade.config.heavy)

@@ -259,7 +259,9 @@ class ModelCard(BaseModel):
 
     ``loaded`` says whether its weights are resident now (an unloaded model loads on its
     next request); ``family``, ``default_size`` and ``default_steps`` are the defaults a
-    request gets; ``default`` marks the model of requests that name none.
+    request gets; ``default`` marks the model of requests that name none. ``compiled``
+    (with ``--compile``) lists the row buckets, the graphs compiled at start-up, their
+    seconds, and the block calls that ran eager at a shape not compiled.
     """
 
     id: str
@@ -271,6 +273,7 @@ class ModelCard(BaseModel):
     default_steps: int | None = None
     loaded: bool = True
     default: bool = False
+    compiled: dict | None = None
 
 
 class ModelList(BaseModel):

@@ -41,3 +41,19 @@ def test_several_models_are_checked_before_anything_loads():
     baseline = runner.invoke(app, ["serve", "--system", "request-batching", "--model", "glide-tiny",
                                    "--model", "glide-small", "--port", "0"])
     assert baseline.exit_code == 2 and "serves one model" in baseline.output
+
+
+def test_execution_flags_reject_what_this_device_or_system_cannot_do():
+    runner = CliRunner()
+    graphs = runner.invoke(app, ["serve", "--model", "glide-tiny", "--compile", "--compile-mode", "reduce-overhead",
+                                 "--port", "0"])
+    assert graphs.exit_code == 2 and "needs a CUDA device" in graphs.output
+    buckets = runner.invoke(app, ["serve", "--model", "glide-tiny", "--compile", "--compile-buckets", "1,x",
+                                  "--port", "0"])
+    assert buckets.exit_code == 2 and "--compile-buckets must be comma-separated" in buckets.output
+    baseline = runner.invoke(app, ["serve", "--system", "request-batching", "--model", "glide-tiny", "--compile",
+                                   "--port", "0"])
+    assert baseline.exit_code == 2 and "apply to --system glideserve" in baseline.output
+    memory = runner.invoke(app, ["serve", "--model", "glide-tiny", "--gpu-memory-fraction", "0.5", "--no-profile",
+                                 "--port", "0"])
+    assert memory.exit_code == 2 and "CUDA device's memory" in memory.output and "Traceback" not in memory.output

@@ -11,6 +11,7 @@ from glideserve.models.spec import ModelSpec
 from glideserve.params import GenerationParams
 from glideserve.runner.feature_cache import RowGroup
 from glideserve.runner.lora import RowAdapters
+from glideserve.runner.precision import vae_dtype
 from glideserve.runner.samplers import Sampler
 
 Cond = dict[str, torch.Tensor]  # conditioning tensors of one or more rows, batch dim first
@@ -51,6 +52,11 @@ class DenoiserFamily:
     def patch_size(cls, denoiser) -> int:
         return 1
 
+    @staticmethod
+    def repeated_blocks(denoiser) -> list[torch.nn.Module]:
+        """The denoiser's blocks (the bulk of its compute), in call order."""
+        raise NotImplementedError
+
     @classmethod
     def max_side(cls, denoiser, vae_factor: int) -> int | None:
         """Largest image side the denoiser can take, if it has one."""
@@ -74,6 +80,9 @@ class DenoiserFamily:
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        vae = getattr(pipe, "vae", None)
+        if vae is not None and vae.dtype != vae_dtype(vae, dtype):
+            vae.to(vae_dtype(vae, dtype))
         self.lora_rows = RowAdapters()  # set by the runner around each forward; narrowed by the block loop
         self.text_lora_rows = RowAdapters()  # set by the prompt encoder around each text-encoder call
 
@@ -91,7 +100,8 @@ class DenoiserFamily:
 
     def init_latents(self, params: GenerationParams, generator: torch.Generator, sampler: Sampler) -> torch.Tensor:
         shape = (1, *self.spec.latent_shape(params.height, params.width))
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+        return noise.to(self.device, self.dtype)
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Every row takes a full step: the denoiser's own forward."""

@@ -32,6 +32,10 @@ class SD3Family(DenoiserFamily):
     def denoiser_of(pipe):
         return pipe.transformer
 
+    @staticmethod
+    def repeated_blocks(denoiser) -> list:
+        return list(denoiser.transformer_blocks)
+
     @classmethod
     def patch_size(cls, denoiser) -> int:
         return denoiser.config.patch_size

@@ -6,6 +6,12 @@ processors and adapters keep working. A batch is a list of ``RowGroup`` (one per
 request): full rows run every block as one sub-batch; cached rows run only what their
 policy needs; then every row goes through the final adaLN layer modulated by its own
 timestep, and the output is in the batch's row order.
+
+With ``compile`` the full rows' blocks run compiled at bucketed row counts
+(``glideserve.runner.compiled``); cached rows never enter the blocks, so caching and
+compilation compose without extra graphs. Steps with LoRA rows and FORA's recording
+steps run their blocks eager: the per-row adapter plan is Python state that would make
+dynamo recompile for every mix of adapters (docs/performance.md measures it).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import torch
 
 from glideserve.cache.policy import StepKind
+from glideserve.runner.compiled import BatchBuckets, CompiledBlocks
 from glideserve.runner.feature_cache import RowGroup, relative_l1, row_index
 from glideserve.runner.lora import RowAdapters
 
@@ -55,6 +62,11 @@ def run_block(block, hidden, context, temb, record: bool = False):
     return context, hidden
 
 
+def block_variant(block) -> str:
+    """Blocks of one variant have one structure, so they share compiled graphs."""
+    return "joint" + ("-last" if block.context_pre_only else "") + ("-dual" if block.use_dual_attention else "")
+
+
 def _feed_forward(block, ff, x):
     if block._chunk_size is None:
         return ff(x)
@@ -80,6 +92,18 @@ class SD3BlockLoop:
     def __init__(self, transformer, lora_rows: RowAdapters | None = None):
         self.model = transformer
         self.lora_rows = lora_rows if lora_rows is not None else RowAdapters()
+        self.compiled: CompiledBlocks | None = None
+        # Only for measuring the alternative (benchmarks/compile_lora.py): LoRA rows inside compiled blocks.
+        self.lora_inside_compiled = False
+
+    def compile(self, buckets: BatchBuckets, mode: str = "default") -> CompiledBlocks:
+        self.compiled = CompiledBlocks(run_block, buckets, block_variant, mode)
+        return self.compiled
+
+    def _run_block(self, block, hidden, context, temb, record: bool):
+        if record or self.compiled is None or (self.lora_rows.in_use and not self.lora_inside_compiled):
+            return run_block(block, hidden, context, temb, record=record)
+        return self.compiled(block, hidden, context, temb)
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                  groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
@@ -118,7 +142,7 @@ class SD3BlockLoop:
         offsets = _offsets(members)
         first_input, block_one_output = hidden, None
         for b, block in enumerate(blocks):
-            out = run_block(block, hidden, context, temb_sub, record=fora)
+            out = self._run_block(block, hidden, context, temb_sub, fora)
             context, hidden = out[0], out[1]
             if fora:
                 self._store_fora(members, offsets, b, out[2])

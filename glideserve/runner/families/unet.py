@@ -28,6 +28,11 @@ class SD15Family(DenoiserFamily):
     def denoiser_of(pipe):
         return pipe.unet
 
+    @staticmethod
+    def repeated_blocks(denoiser) -> list:
+        mid = [] if denoiser.mid_block is None else [denoiser.mid_block]
+        return [*denoiser.down_blocks, *mid, *denoiser.up_blocks]
+
     @classmethod
     def check_denoiser(cls, denoiser) -> None:
         if denoiser.config.time_cond_proj_dim is not None:

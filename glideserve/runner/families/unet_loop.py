@@ -6,6 +6,10 @@ masks) op for op, calling the model's own blocks. A full row runs the whole UNet
 ``deepcache:N`` row stores the output of the second-to-last up block. A cached
 ``deepcache`` row runs only the outermost down block (for fresh skip connections)
 and the outermost up block on its stored features, as DeepCache does.
+
+With ``compile`` every down, mid and up block runs compiled at bucketed row counts
+(``glideserve.runner.compiled``), DeepCache's cached path included (it calls the same
+outermost blocks); steps with LoRA rows run eager.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from glideserve.cache.policy import StepKind
+from glideserve.runner.compiled import BatchBuckets, CompiledBlocks
 from glideserve.runner.feature_cache import RowGroup, row_index
 from glideserve.runner.lora import RowAdapters
 
@@ -31,6 +36,21 @@ class UNetBlockLoop:
     def __init__(self, unet, lora_rows: RowAdapters | None = None):
         self.model = unet
         self.lora_rows = lora_rows if lora_rows is not None else RowAdapters()
+        self.compiled: CompiledBlocks | None = None
+
+    def compile(self, buckets: BatchBuckets, mode: str = "default") -> CompiledBlocks:
+        model = self.model
+        names = {id(b): f"down{i}" for i, b in enumerate(model.down_blocks)}
+        names.update({id(b): f"up{i}" for i, b in enumerate(model.up_blocks)})
+        if model.mid_block is not None:
+            names[id(model.mid_block)] = "mid"
+        self.compiled = CompiledBlocks(_call, buckets, lambda block: names[id(block)], mode)
+        return self.compiled
+
+    def _call(self, block, sample, emb, context, **kwargs):
+        if self.compiled is None or self.lora_rows.in_use:
+            return _call(block, sample, emb, context, **kwargs)
+        return self.compiled(block, sample, emb, context, **kwargs)
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                  groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
@@ -69,13 +89,10 @@ class UNetBlockLoop:
         model = self.model
         res_samples = (sample,)
         for block in model.down_blocks:
-            sample, res = _call(block, sample, emb, context)
+            sample, res = self._call(block, sample, emb, context)
             res_samples += res
         if model.mid_block is not None:
-            if getattr(model.mid_block, "has_cross_attention", False):
-                sample = model.mid_block(sample, emb, encoder_hidden_states=context)
-            else:
-                sample = model.mid_block(sample, emb)
+            sample = self._call(model.mid_block, sample, emb, context)
         last = len(model.up_blocks) - 1
         for i, block in enumerate(model.up_blocks):
             res = res_samples[-len(block.resnets):]
@@ -83,7 +100,7 @@ class UNetBlockLoop:
             upsample_size = res_samples[-1].shape[2:] if i < last and forward_upsample_size else None
             if i == last:
                 self._store(groups, selected, sample)
-            sample = _call(block, sample, emb, context, res_hidden_states_tuple=res, upsample_size=upsample_size)
+            sample = self._call(block, sample, emb, context, res_hidden_states_tuple=res, upsample_size=upsample_size)
         return self._head(sample)
 
     def _store(self, groups, selected, deep_features) -> None:
@@ -97,10 +114,11 @@ class UNetBlockLoop:
     def _cached(self, sample, emb, context, forward_upsample_size, groups, selected):
         model = self.model
         first, last = model.down_blocks[0], model.up_blocks[-1]
-        _, res = _call(first, sample, emb, context)
+        _, res = self._call(first, sample, emb, context)
         res_samples = ((sample,) + res)[:len(last.resnets)]
         deep = torch.cat([groups[i].cache.tensors["deep"] for i in selected])
-        return self._head(_call(last, deep, emb, context, res_hidden_states_tuple=res_samples, upsample_size=None))
+        return self._head(self._call(last, deep, emb, context, res_hidden_states_tuple=res_samples,
+                                     upsample_size=None))
 
     def _head(self, sample):
         model = self.model
