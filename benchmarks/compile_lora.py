@@ -12,27 +12,20 @@ engine, as the reference. Median ms per step over alternating rounds.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch._dynamo.config
-from lora_cost import ROWS, step_seconds, write_adapters
+from lora_cost import ROWS, adapter_mixes, parse_args, step_seconds, write_adapters
 from torch._dynamo.utils import counters
 
 from glideserve import Engine
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="glide-small")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    configs = {0: [None] * ROWS, 1: ["lora0"] * ROWS, 4: [f"lora{i % 4}" for i in range(ROWS)],
-               8: [f"lora{i}" for i in range(ROWS)]}
+    args = parse_args(__doc__.splitlines()[0])
+    configs = adapter_mixes()
     with tempfile.TemporaryDirectory() as folder:
         write_adapters(args.model, Path(folder), ROWS, args.rank)
         options = dict(lora_dir=folder, max_batch_rows=ROWS, default_cache="none")

@@ -60,15 +60,24 @@ def step_seconds(engine: Engine, adapters_per_row: list[str | None], steps: int)
     return sum(times) / len(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="glide-small")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    configs = {0: [None] * ROWS, 1: ["lora0"] * ROWS, 4: [f"lora{i % 4}" for i in range(ROWS)],
-               8: [f"lora{i}" for i in range(ROWS)]}
+    return parser.parse_args()
+
+
+def adapter_mixes() -> dict[int, list[str | None]]:
+    """Each row's adapter, by the number of distinct adapters in the batch: 0, 1, 4 and 8."""
+    return {0: [None] * ROWS, 1: ["lora0"] * ROWS, 4: [f"lora{i % 4}" for i in range(ROWS)],
+            8: [f"lora{i}" for i in range(ROWS)]}
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    configs = adapter_mixes()
     with tempfile.TemporaryDirectory() as folder:
         write_adapters(args.model, Path(folder), ROWS, args.rank)
         engine = Engine.from_pretrained(args.model, lora_dir=folder, max_batch_rows=ROWS, default_cache="none")

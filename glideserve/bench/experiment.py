@@ -115,19 +115,22 @@ def run_system(target: Target, workloads: list[Workload], prompts: list[str], te
                slo: SloPolicy, timeout_s: float, log_dir: Path,
                reference_isolated_s: dict[str, float | None] | None = None, flops_per_image: float | None = None,
                peak_flops: float | None = None, cooldown_s: float = 2.0, keep_images: bool = False,
-               log=print) -> list[RunResult]:
+               on_ready=None, log=print) -> list[RunResult]:
     """Run each workload on one system in order; see the module docstring.
 
     ``reference_isolated_s`` maps each request class (see ``RequestTemplate.classes``)
     to the isolated latency its SLO is relative to; ``None`` uses this system's own
     (the first system of a comparison). ``keep_images`` keeps each returned PNG on its
-    record, for scoring after the run.
+    record, for scoring after the run. ``on_ready(target, url)``, if given, runs once the
+    server answers and before anything is measured (extra probes of the same server).
     """
     results = []
     name = target.label
     classes = template.classes()
     labels = [c.class_label for c in classes]
     with open_target(target, log_dir) as (url, server):
+        if on_ready is not None:
+            on_ready(target, url)
         isolated: dict[str, float | None] = {label: None for label in labels}
         if slo.isolated_requests:
             for cls in classes:

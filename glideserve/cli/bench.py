@@ -195,8 +195,20 @@ def _run_all(targets, workloads, prompts, template, slo, timeout_s, out, flops, 
     return results
 
 
+def _floats(text: str | None, option: str) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        values = tuple(float(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: give comma-separated numbers, e.g. 0.5,1,2") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"{option} {text!r}: give positive numbers, comma-separated")
+    return values
+
+
 def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add ``bench load``, ``bench sweep``, ``bench latency`` and ``bench peak``."""
+    """Add ``bench load``, ``bench sweep``, ``bench latency``, ``bench peak`` and ``bench fullsize``."""
 
     @bench_app.command("load")
     def load(system: SystemOpt = None, url: UrlOpt = None, model: ModelOpt = None, server_arg: ServerArgOpt = None,
@@ -325,3 +337,62 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         from glideserve.bench.metrics import measure_matmul_peak_flops
 
         typer.echo(f"{measure_matmul_peak_flops(size, seconds) / 1e9:.1f} GFLOP/s fp32 ({size}x{size} matmul)")
+
+    @bench_app.command("fullsize")
+    def fullsize(
+            family: Annotated[str, typer.Option(help="sd3 (SD3-medium) or sdxl (SDXL base).")] = "sd3",
+            scale: Annotated[str, typer.Option(help="full: the published sizes, for a GPU; tiny: the same families "
+                                                    "cut down, a quick CPU check of the command.")] = "full",
+            device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda; the CPU only at "
+                                                               "--scale tiny or when named).")] = None,
+            dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: bfloat16 on "
+                                                              "a GPU, float32 on a CPU).")] = None,
+            cache: Annotated[Optional[list[str]], typer.Option(
+                "--cache", help="glideserve cache policy run after the exact (--cache none) one; repeat for several "
+                                "(default: adaptive, glideserve:2, fora:2 for sd3; deepcache:2 for sdxl; "
+                                "--cache none: the exact run only).")] = None,
+            steps: Annotated[Optional[int], typer.Option(
+                "--steps", help="num_inference_steps (default: 28 for sd3, 30 for sdxl).")] = None,
+            size: Annotated[Optional[int], typer.Option(
+                help="Square image side (default 1024; 64 at tiny scale).")] = None,
+            load_factors: Annotated[str, typer.Option(help="Poisson rates as multiples of diffusers' batch-1 "
+                                                           "capacity (1 / its latency).")] = "0.5,1,2",
+            rates: Annotated[Optional[str], typer.Option(
+                help="Poisson rates in req/s (replace --load-factors).")] = None,
+            duration: Annotated[Optional[float], typer.Option(help="Seconds of arrivals per rate (default 60; "
+                                                                   "5 at tiny scale).")] = None,
+            slo_scale: Annotated[float, typer.Option(
+                help="SLO = this x diffusers-sequential's isolated latency, shared by all systems.")] = 4.0,
+            isolated: IsolatedOpt = 3,
+            pipe_repeats: Annotated[int, typer.Option(min=1, help="Timed diffusers pipeline calls per batch.")] = 3,
+            compile: Annotated[bool, typer.Option("--compile/--no-compile",
+                                                  help="Start glideserve's servers with --compile.")] = False,
+            server_arg: ServerArgOpt = None,
+            glideserve_arg: Annotated[Optional[list[str]], typer.Option(
+                "--glideserve-arg", help="Extra argument for glideserve's servers only, e.g. "
+                                         "--glideserve-arg=--attention=flash (repeatable).")] = None,
+            model_dir: Annotated[Optional[Path], typer.Option(help="Where the built model is kept and reused "
+                                                                   "(default: bench-results/fullsize-models/"
+                                                                   "FAMILY-SCALE-DTYPE).")] = None,
+            rebuild: Annotated[bool, typer.Option(help="Build the model again even if --model-dir holds it.")] = False,
+            seed: SeedOpt = 0, timeout_s: TimeoutOpt = 600.0, out: OutOpt = None,
+            ready_timeout: ReadyOpt = 1800.0) -> None:
+        """SD3-medium or SDXL at full size with random weights (nothing downloaded): diffusers' pipeline against
+        glideserve, MFU and engine overhead, in one run; writes fullsize.json and fullsize.md (docs/gpu.md)."""
+        from glideserve.bench.fullsize_run import FullsizeOptions, run
+
+        try:
+            options = FullsizeOptions(
+                family=family, scale=scale, device=device, dtype=dtype,
+                policies=None if cache is None else tuple(cache),
+                steps=steps, size=size, pipe_repeats=pipe_repeats, load_factors=_floats(load_factors, "--load-factors"),
+                rates=_floats(rates, "--rates"), duration_s=duration, slo_scale=slo_scale, isolated=isolated,
+                compile=compile, server_args=tuple(server_arg or ()), glideserve_args=tuple(glideserve_arg or ()),
+                model_dir=model_dir, rebuild=rebuild, ready_timeout_s=ready_timeout, timeout_s=timeout_s, seed=seed,
+                # created by the run once the options are checked: a refused run leaves no empty folder
+                out=out or Path("bench-results") / f"fullsize-{time.strftime('%Y%m%d-%H%M%S')}")
+            run(options, log=typer.echo)
+        except _USER_ERRORS as exc:
+            _fail(exc)
+        typer.echo((options.out / "fullsize.md").read_text())
+        typer.echo(f"results in {options.out}")

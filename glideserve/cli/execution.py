@@ -16,6 +16,9 @@ CompileBucketsOpt = Annotated[Optional[str], typer.Option(
          "are padded up to the next one.")]
 AttentionOpt = Annotated[str, typer.Option(
     help="Attention kernel of PyTorch's SDPA: auto (PyTorch chooses), flash, efficient, cudnn or math.")]
+WarmSizeOpt = Annotated[Optional[list[str]], typer.Option(
+    "--warm-size", help="Image size WIDTHxHEIGHT to compile (with --compile) and profile at start-up (repeatable; "
+                        "default: the model's default size). Other sizes run eager.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
     help="fp8: store the denoiser blocks' linear weights in float8 (weight-only; Ada/Hopper GPUs or CPU).")]
 MemoryFractionOpt = Annotated[Optional[float], typer.Option(
@@ -35,7 +38,12 @@ def parse_buckets(text: str | None) -> tuple[int, ...]:
 
 
 def execution_options(compile: bool, compile_mode: str, compile_buckets: str | None, attention: str,
-                      quantize: str | None, gpu_memory_fraction: float | None = None) -> dict:
+                      quantize: str | None, gpu_memory_fraction: float | None = None,
+                      warm_sizes: list[str] | None = None) -> dict:
     """EngineConfig fields for these options."""
+    from glideserve.params import parse_size
+
+    sizes = tuple(parse_size(text) for text in warm_sizes or [])
     return dict(compile=compile, compile_mode=compile_mode, compile_buckets=parse_buckets(compile_buckets),
-                attention=attention, quantize=quantize, gpu_memory_fraction=gpu_memory_fraction)
+                attention=attention, quantize=quantize, gpu_memory_fraction=gpu_memory_fraction,
+                **({"profile_sizes": sizes} if sizes else {}))

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from glideserve.cli.errors import fail
+from glideserve.cli.execution import AttentionOpt, CompileBucketsOpt, CompileOpt, QuantizeOpt, execution_options
 from glideserve.errors import GlideServeError
 
 DEFAULT_TOY_CAPTIONS = 8
@@ -82,10 +83,15 @@ def eval_quality(
     max_batch_rows: Annotated[Optional[int], typer.Option(
         "--max-batch-rows", help="Batch bound (rows per step) of the engine and the batching baseline.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    compile: CompileOpt = False,
+    compile_buckets: CompileBucketsOpt = None,
+    attention: AttentionOpt = "auto",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Compare each system's images with diffusers' own pipeline run alone per request (the exact reference).
 
     SSIM, PSNR and largest pixel difference; toy-judge accuracy for toy captions; CLIP / FID with local weights.
+    --compile, --attention and --quantize apply to the glideserve system (the reference stays exact).
     """
     from glideserve.bench import quality
     from glideserve.bench.loadgen import read_prompts
@@ -115,7 +121,9 @@ def eval_quality(
         hw = parse_size(size) if size is not None else None
         # Load the optional metric weights before generating anything, so a bad path fails at once.
         metrics = quality.ReferenceFreeMetrics(clip_model, fid_weights)
-        generators = {name: quality.system_generator(name, model, **config) for name in systems}
+        execution = execution_options(compile, "default", compile_buckets, attention, quantize)
+        generators = {name: quality.system_generator(
+            name, model, **config, **(execution if name == quality.ENGINE_SYSTEM else {})) for name in systems}
         report = quality.run_quality(model, cases, generators, steps=steps, guidance=guidance, size=hw,
                                      metrics=metrics, out_dir=out_dir, progress=progress, num_threads=threads,
                                      toy_clip=toy_clip)

@@ -12,7 +12,7 @@ import typer
 
 from glideserve.cli.errors import fail
 from glideserve.cli.execution import (AttentionOpt, CompileBucketsOpt, CompileModeOpt, CompileOpt, MemoryFractionOpt,
-                                     QuantizeOpt, execution_options)
+                                     QuantizeOpt, WarmSizeOpt, execution_options)
 from glideserve.errors import GlideServeError
 from glideserve.models import DEFAULT_MODEL
 
@@ -188,6 +188,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         attention: AttentionOpt = "auto",
         quantize: QuantizeOpt = None,
         gpu_memory_fraction: MemoryFractionOpt = None,
+        warm_size: WarmSizeOpt = None,
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
@@ -215,7 +216,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                latent_aware=latent_aware, lora_dir=None if lora_dir is None else str(lora_dir),
                                lora_memory_mb=lora_memory_mb,
                                **execution_options(compile, compile_mode, compile_buckets, attention, quantize,
-                                                   gpu_memory_fraction))
+                                                   gpu_memory_fraction, warm_size))
             elif compile or quantize or gpu_memory_fraction or attention != "auto":
                 raise ValueError("--compile, --quantize, --attention and --gpu-memory-fraction apply to "
                                  "--system glideserve")
