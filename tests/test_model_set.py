@@ -169,3 +169,39 @@ def test_a_load_claims_its_weights_when_it_starts():
     assert models.victims_for(models.get("c")) is None  # "a" is busy and "b" already holds its share
     models.load_failed(models.get("b"))
     assert models.victims_for(models.get("c")) == []
+
+
+def test_unloaded_models_park_in_host_memory_least_recently_parked_dropped_first():
+    clock = iter(range(100))
+    models = ModelSet([ModelSource(n, n) for n in "abc"], clock=lambda: float(next(clock)), host_budget_bytes=250)
+    cores = {}
+    for name in "abc":
+        cores[name] = FakeCore(busy=False)
+        _resident(models, name, cores[name])
+    assert models.unload(models.get("a")) == [] and models.get("a").parked is cores["a"]
+    assert models.unload(models.get("b")) == []  # 200 of 250 bytes parked
+    assert models.unload(models.get("c")) == [cores["a"]]  # a, parked first, is dropped to make room
+    assert models.get("a").parked is None and models.get("c").parked is cores["c"]
+    assert models.host.used == 200 and models.get("a").describe()["offloaded"] is False
+    b = models.get("b")
+    models.begin_load(b, 10.0)
+    assert b.restoring and models.unpark(b) is cores["b"] and models.host.used == 100
+    b.load_s = 30.0  # a load from disk takes 30 s; the first copy back is expected to take as long
+    assert b.load_remaining_s(10.0) == 30.0
+
+
+def test_a_copy_back_learns_its_own_time_apart_from_loads_from_disk():
+    models = ModelSet([ModelSource("a", "a")], clock=lambda: 0.0, host_budget_bytes=1000)
+    slot = models.get("a")
+    core = SimpleNamespace(spec=None, scheduler=SimpleNamespace(profile=None, policy=SimpleNamespace(
+        deadline_aware=False)), config=None, runner=SimpleNamespace(samplers=None, compiled=None), weights_bytes=100)
+    models.begin_load(slot, 0.0)
+    models.installed(slot, core, 20.0)  # from disk
+    models.unload(slot)
+    assert slot.load_remaining_s(0.0) == 20.0  # no copy back measured yet
+    models.begin_load(slot, 0.0)
+    models.unpark(slot)
+    models.installed(slot, core, 0.5)  # from host memory
+    assert slot.load_s == 20.0 and slot.restore_s == 0.5 and slot.restores == 1
+    models.unload(slot)
+    assert slot.load_remaining_s(0.0) == 0.5

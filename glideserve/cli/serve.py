@@ -46,7 +46,7 @@ class LogLevel(str, enum.Enum):
 
 
 def make_backend(system: System, model: str | list[str], max_loaded_models: int | None = None,
-                 weights_memory_gb: float | None = None, **config):
+                 weights_memory_gb: float | None = None, offload_memory_gb: float | None = None, **config):
     """Load ``model`` (or several ``[NAME=]PATH`` models, the first the default) into the backend of
     ``system`` (a GlideServeError explains any failure)."""
     from glideserve.engine.model_set import ModelSource
@@ -56,8 +56,10 @@ def make_backend(system: System, model: str | list[str], max_loaded_models: int 
         from glideserve import AsyncEngine
 
         return AsyncEngine.from_models(sources, max_loaded_models=max_loaded_models,
-                                       weights_memory_gb=weights_memory_gb, **config)
-    if len(sources) > 1 or max_loaded_models is not None or weights_memory_gb is not None:
+                                       weights_memory_gb=weights_memory_gb, offload_memory_gb=offload_memory_gb,
+                                       **config)
+    if len(sources) > 1 or max_loaded_models is not None or weights_memory_gb is not None \
+            or offload_memory_gb is not None:
         raise GlideServeError(f"--system {system.value} serves one model; serve several with --system glideserve")
     model = sources[0].path
     try:
@@ -104,6 +106,10 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                                         "and loads again on its next request (default: all)."),
         weights_memory_gb: Optional[float] = typer.Option(None, min=0.001, help="Budget of resident model "
                                                           "weights in GiB, enforced like --max-loaded-models."),
+        offload_memory_gb: Optional[float] = typer.Option(None, min=0.001, help="Keep models unloaded by "
+                                                          "--max-loaded-models / --weights-memory-gb in this much "
+                                                          "host memory (GiB) and copy them back when requested, "
+                                                          "instead of loading them from disk again (for GPUs)."),
         host: str = typer.Option("127.0.0.1", help="Interface to bind; use 0.0.0.0 to accept remote clients."),
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0 picks a free one)."),
         api_key: Optional[str] = typer.Option(None, envvar="GLIDESERVE_API_KEY", show_envvar=True,
@@ -237,7 +243,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                 raise ValueError("--data-dir (fine-tuning) needs --system glideserve, no --cascade, and --lora-dir "
                                  "for the adapters it produces")
             backend = make_backend(system, model, max_loaded_models=max_loaded_models,
-                                   weights_memory_gb=weights_memory_gb, **options)
+                                   weights_memory_gb=weights_memory_gb, offload_memory_gb=offload_memory_gb,
+                                   **options)
             if data_dir is not None:
                 data_dir.mkdir(parents=True, exist_ok=True)
                 backend.attach_fine_tuning(str(data_dir))

@@ -111,19 +111,23 @@ class AsyncEngine:
 
     @classmethod
     def from_models(cls, models: list[str | ModelSource], *, max_loaded_models: int | None = None,
-                    weights_memory_gb: float | None = None, config: EngineConfig | None = None,
+                    weights_memory_gb: float | None = None, offload_memory_gb: float | None = None,
+                    config: EngineConfig | None = None,
                     single_file_config: str | None = None, allow_unsafe_pickle: bool = False,
                     **options) -> "AsyncEngine":
         """Serve several models (``[NAME=]PATH`` strings or ModelSources; the first is the default)
         under one engine loop and one EngineConfig. Each is loaded and profiled once at start-up;
         those beyond ``max_loaded_models`` or ``weights_memory_gb`` are unloaded again (least
-        recently used first, the default model last) and reloaded when requested."""
+        recently used first, the default model last) and reloaded when requested. With
+        ``offload_memory_gb`` unloaded models are kept in that much host memory instead (see
+        ModelSet), and come back by a copy rather than a load from disk."""
         if config is not None and options:
             raise TypeError("pass either config=EngineConfig(...) or keyword options, not both")
         config = config or EngineConfig.from_kwargs(**options)
         sources = [m if isinstance(m, ModelSource) else ModelSource.parse(m) for m in models]
         budget = None if weights_memory_gb is None else int(weights_memory_gb * 2**30)
-        model_set = ModelSet(sources, max_loaded_models, budget)
+        host = None if offload_memory_gb is None else int(offload_memory_gb * 2**30)
+        model_set = ModelSet(sources, max_loaded_models, budget, host_budget_bytes=host)
 
         def load(source: ModelSource, profile: LatencyProfile | None) -> EngineCore:
             return EngineCore.from_pretrained(source.path, config, single_file_config=single_file_config,
@@ -397,7 +401,7 @@ class AsyncEngine:
             log.info("loading model %s for %d waiting request(s)", slot.name, len(slot.pending))
             try:
                 # A short-lived thread, so the resident models keep stepping; its OpenMP pool dies with it.
-                threading.Thread(target=self._load_in_background, args=(slot,),
+                threading.Thread(target=self._load_in_background, args=(slot, self.models.unpark(slot)),
                                  name=f"glideserve-load-{slot.name}", daemon=True).start()
             except RuntimeError as exc:  # no thread to be had: fail the waiting requests, not the loop
                 self.models.load_failed(slot)
@@ -406,11 +410,15 @@ class AsyncEngine:
                            for p in pending]
         return events
 
-    def _load_in_background(self, slot: ModelSlot) -> None:
+    def _load_in_background(self, slot: ModelSlot, parked: EngineCore | None = None) -> None:
         start = time.perf_counter()
         core, error = None, None
         try:
-            core = self._loader(slot.source, slot.profile)
+            if parked is not None:
+                parked.restore()
+                core = parked
+            else:
+                core = self._loader(slot.source, slot.profile)
         except BaseException as exc:  # handed to the loop, which fails the waiting requests
             error = exc
         with self._lock:
@@ -445,9 +453,14 @@ class AsyncEngine:
         counters = slot.core.scheduler.counters
         for name in ("refused", "dropped", "held_back", "preempted", "resumed"):
             setattr(self._retired, name, getattr(self._retired, name) + getattr(counters, name))
+        core = slot.core
         self.models.unload(slot)
         self._collect = True  # the loop collects once the lock is released
-        log.info("unloaded model %s (least recently used, idle) to stay within the weights budget", slot.name)
+        if slot.parked is core:  # host memory has room: a copy back, not a load from disk, when needed again
+            core.offload()
+            log.info("offloaded model %s (least recently used, idle) to host memory", slot.name)
+        else:
+            log.info("unloaded model %s (least recently used, idle) to stay within the weights budget", slot.name)
 
     def _fail_all(self, slot: ModelSlot, message: str) -> list[EngineEvent]:
         with self._lock:

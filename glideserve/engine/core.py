@@ -192,6 +192,13 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def offload(self) -> None:
+        """Move the idle model's weights to host memory; ``restore`` brings them back to its device."""
+        self.runner.offload()
+
+    def restore(self) -> None:
+        self.runner.restore()
+
     def exclude_from_cycle(self, seconds: float) -> None:
         """Leave ``seconds`` of other work (another model's step, a fine-tuning micro-step) out of the
         overhead the profile learns from the interval between two steps."""

@@ -8,6 +8,10 @@ decisions, so they can be tested without a model:
   weight bytes (a :class:`MemoryLedger`) bounds them. A model that must load makes room
   by unloading the least recently used *idle* model (one with no request in flight); a
   busy one is never unloaded, so a load may wait for a model to go idle.
+- **Offload.** With a host budget (``host_budget_bytes``), an unloaded model's
+  EngineCore is *parked*: its weights move to host memory (CPU) and it comes back by a
+  copy instead of a load from disk, its compiled graphs and profile intact. Parked
+  models are held in a second ledger, least recently used dropped first when it is full.
 - **Who steps next.** Steps are shared by step time, as a fair-share scheduler shares a
   CPU: each busy model accumulates the seconds its steps took (``vruntime``) and the one
   with the least goes next. ``set_shares`` weights it (a cascade's allocator gives its light
@@ -84,6 +88,8 @@ class ModelSlot:
     validated and their latency (load included) predicted without the weights. ``pending``
     holds requests admitted while it was unloaded, in arrival order; the engine adds them
     to ``core`` once it has loaded. ``vruntime`` is the step time it has been given.
+    ``parked`` is its core while offloaded to host memory; ``restore_s`` the learned time of a
+    copy back (``load_s`` stays that of a load from disk).
     """
 
     source: ModelSource
@@ -104,6 +110,11 @@ class ModelSlot:
     share: float = 1.0  # relative weight of its step time (see ModelSet.set_shares)
     was_busy: bool = False
     pending: list = field(default_factory=list)
+    parked: "EngineCore | None" = None  # unloaded, weights in host memory (see ModelSet's offload)
+    parked_at: float = 0.0
+    restoring: bool = False  # the load in progress is a copy back from host memory
+    restore_s: float = 0.0
+    restores: int = 0
 
     @property
     def name(self) -> str:
@@ -121,9 +132,11 @@ class ModelSlot:
         """Predicted seconds until the weights are resident (0 when they are)."""
         if self.core is not None:
             return 0.0
+        restoring = self.restoring if self.loading else self.parked is not None
+        expected = self.restore_s if restoring and self.restores else self.load_s
         if self.loading:
-            return max(0.0, self.load_s - (now - self.load_started))
-        return self.load_s
+            return max(0.0, expected - (now - self.load_started))
+        return expected
 
     def cold_latency_s(self, params: GenerationParams, now: float) -> float:
         """Predicted arrival-to-image seconds of resolved ``params`` arriving now while the model is
@@ -141,8 +154,15 @@ class ModelSlot:
         self.config, self.samplers = core.config, core.runner.samplers
         self.deadline_aware = core.scheduler.policy.deadline_aware
         self.weights_bytes = core.weights_bytes
-        self.load_s = seconds if self.loads == 0 else (1 - LOAD_TIME_ALPHA) * self.load_s + LOAD_TIME_ALPHA * seconds
+        if self.restoring:  # a copy back from host memory: its own, much shorter, time
+            self.restore_s = seconds if self.restores == 0 else \
+                (1 - LOAD_TIME_ALPHA) * self.restore_s + LOAD_TIME_ALPHA * seconds
+            self.restores += 1
+        else:
+            self.load_s = seconds if self.loads == 0 else \
+                (1 - LOAD_TIME_ALPHA) * self.load_s + LOAD_TIME_ALPHA * seconds
         self.loads += 1
+        self.restoring = False
         self.loading = False
         self.last_used = now
 
@@ -153,7 +173,9 @@ class ModelSlot:
                 "default_size": f"{spec.default_width}x{spec.default_height}" if spec else None,
                 "default_steps": spec.default_steps if spec else None,
                 "weights_bytes": self.weights_bytes or None, "load_s": round(self.load_s, 3) if self.loads else None,
-                "loads": self.loads, "unloads": self.unloads, "compiled": self._compiled()}
+                "loads": self.loads, "unloads": self.unloads, "offloaded": self.parked is not None,
+                "restores": self.restores, "restore_s": round(self.restore_s, 3) if self.restores else None,
+                "compiled": self._compiled()}
 
     def _compiled(self) -> dict | None:
         compiled = self.core.runner.compiled if self.core is not None else None
@@ -173,7 +195,8 @@ class ModelSet:
     """
 
     def __init__(self, sources: list[ModelSource], max_loaded: int | None = None,
-                 weights_budget_bytes: int | None = None, clock: Callable[[], float] = time.monotonic):
+                 weights_budget_bytes: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 host_budget_bytes: int | None = None):
         if not sources:
             raise ValueError("configure at least one model")
         names = [s.name for s in sources]
@@ -185,6 +208,7 @@ class ModelSet:
         self.slots = [ModelSlot(s) for s in sources]
         self.max_loaded = max_loaded
         self.weights = MemoryLedger(weights_budget_bytes if weights_budget_bytes is not None else 2**62)
+        self.host = None if host_budget_bytes is None else MemoryLedger(host_budget_bytes)
         self.clock = clock
         self.min_vruntime = 0.0  # the step time of the least served busy model, never decreasing
         self._by_name = {slot.name: slot for slot in self.slots}
@@ -222,17 +246,38 @@ class ModelSet:
     def begin_load(self, slot: ModelSlot, now: float) -> None:
         """Mark ``slot`` loading and claim its weights now, so concurrent loads cannot overrun the budget."""
         slot.loading, slot.load_started = True, now
+        slot.restoring = slot.parked is not None
         if not self.weights.claim(slot.name, slot.weights_bytes):
             self.weights.claim_over_budget(slot.name, slot.weights_bytes)
 
     def load_failed(self, slot: ModelSlot) -> None:
-        slot.loading = False
+        slot.loading = slot.restoring = False
         self.weights.release(slot.name)
 
-    def unload(self, slot: ModelSlot) -> None:
-        slot.core = None
+    def unload(self, slot: ModelSlot) -> list["EngineCore"]:
+        """Unload ``slot``; with a host budget park its core there (the caller offloads it). Returns the
+        parked cores dropped to make room, whose weights the caller lets go."""
+        core, slot.core = slot.core, None
         slot.unloads += 1
         self.weights.release(slot.name)
+        if self.host is None or slot.weights_bytes > self.host.budget_bytes:
+            return []
+        dropped = []
+        parked = sorted((s for s in self.slots if s.parked is not None), key=lambda s: s.parked_at)
+        while not self.host.claim(slot.name, slot.weights_bytes):
+            oldest = parked.pop(0)
+            dropped.append(oldest.parked)
+            oldest.parked = None
+            self.host.release(oldest.name)
+        slot.parked, slot.parked_at = core, self.clock()
+        return dropped
+
+    def unpark(self, slot: ModelSlot) -> "EngineCore | None":
+        """The parked core of ``slot`` (None if it has none), no longer counted in host memory."""
+        core, slot.parked = slot.parked, None
+        if core is not None:
+            self.host.release(slot.name)
+        return core
 
     def victims_for(self, slot: ModelSlot) -> list[ModelSlot] | None:
         """Idle resident models to unload, least recently used first, so that ``slot`` fits;

@@ -374,6 +374,12 @@ class LoraStore:
         self._resident.pop(name)
         self.memory.release(name)
 
+    def evict_all(self) -> None:
+        """Forget every resident adapter (they are read again from the folder when named)."""
+        with self._lock:
+            for name in list(self._resident):
+                self._evict(name)
+
     def add(self, name: str, data: bytes) -> dict:
         """Keep an uploaded adapter as ``DIR/NAME.safetensors`` once it reads and fits the model."""
         from glideserve.errors import LoraExistsError

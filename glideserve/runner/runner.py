@@ -63,6 +63,20 @@ class ModelRunner:
         buckets = BatchBuckets(config.compile_buckets or default_buckets(config.scheduler.max_batch_rows))
         return family.loop.compile(buckets, config.compile_mode)
 
+    def offload(self) -> None:
+        """Move the weights to host memory and drop what lives on the device beside them (cached prompt
+        embeddings, resident adapters); only for an idle runner. ``restore`` moves the weights back."""
+        if len(self.batch):
+            raise RuntimeError("cannot offload a model with requests in its batch")
+        self.family.pipe.to("cpu")
+        self.batch = PersistentBatch()  # empty, but its conditioning cache may hold device tensors
+        self.encoder.clear()
+        if self.loras is not None:
+            self.loras.evict_all()
+
+    def restore(self) -> None:
+        self.family.pipe.to(self.family.device)
+
     @torch.inference_mode()
     def warm_up_compiled(self, sizes: list[tuple[int, int]], progress=None) -> CompileStats:
         """Compile every bucket at every (height, width) in ``sizes``; ``progress(done, total, message)``

@@ -144,3 +144,18 @@ def test_a_weights_budget_keeps_only_what_fits(model_paths, references):
                       - references("sd15", body)).max() <= 2
         cards = {c["id"]: c["loaded"] for c in httpx.get(f"{live.api}/models").json()["data"]}
         assert cards == {"sd3": False, "sd15": True}
+
+
+def test_offloaded_models_come_back_from_host_memory_with_the_same_images(model_paths, references):
+    models = [f"{name}={path}" for name, path in model_paths.items()]
+    with LiveServer(models, ServerConfig(model_id="sd3"), max_sequence_length=MAX_SEQ, max_loaded_models=1,
+                    offload_memory_gb=1.0) as live:
+        cards = {card["name"]: card for card in live.backend.model_cards()}
+        assert cards["sd15"]["offloaded"] and not cards["sd15"]["loaded"]  # parked after the start-up load
+        for name in ("sd15", "sd3", "sd15"):
+            body = _body(name, seed=7)
+            response = httpx.post(f"{live.api}/images/generations", json=body, timeout=120)
+            assert np.abs(_image(response) - references(name, body)).max() <= 2, name
+        cards = {card["name"]: card for card in live.backend.model_cards()}
+        assert cards["sd15"]["restores"] == 2 and cards["sd3"]["restores"] == 1  # no load from disk after start-up
+        assert cards["sd15"]["loads"] == 3 and cards["sd3"]["offloaded"]
