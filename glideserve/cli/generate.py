@@ -119,6 +119,12 @@ def generate(
         params = [_params(e, i, defaults) for i, e in enumerate(entries)]
         from glideserve.engine.engine import Engine
 
+        if compile and not quiet:  # compiling takes tens of seconds: say what happens, bucket by bucket
+            import logging
+
+            logging.basicConfig(format="%(message)s")
+            logging.getLogger("glideserve.engine.execution").setLevel(logging.INFO)
+
         engine = Engine.from_pretrained(model, single_file_config=config, allow_unsafe_pickle=allow_unsafe_pickle,
                                         max_batch_rows=max_batch_rows, max_waiting=max(len(params), 1),
                                         num_threads=threads, device=device, dtype=dtype, default_cache=cache,
