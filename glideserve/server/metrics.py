@@ -145,7 +145,10 @@ class SchedulerCollector:
 class ModelCollector:
     """Per model, read at scrape time: ``glideserve_model_loaded{model}`` (1 while its weights are
     resident), ``glideserve_model_loads_total`` and ``glideserve_model_unloads_total`` (loads and
-    unloads under the weights budget, start-up included), ``glideserve_model_weights_bytes``."""
+    unloads under the weights budget, start-up included), ``glideserve_model_weights_bytes``,
+    ``glideserve_model_offloaded`` (1 while parked in host memory) and, for a model served with
+    ``--compile``, ``glideserve_compiled_graphs``, ``glideserve_compile_seconds`` and
+    ``glideserve_compiled_eager_calls_total`` (block calls at shapes not compiled)."""
 
     def __init__(self, model_cards: Callable[[], list[dict]]):
         self._cards = model_cards
@@ -161,13 +164,27 @@ class ModelCollector:
         loads = CounterMetricFamily("glideserve_model_loads", "Loads of the model's weights", labels=["model"])
         unloads = CounterMetricFamily("glideserve_model_unloads", "Unloads of the model's weights to stay "
                                       "within the weights budget", labels=["model"])
+        offloaded = GaugeMetricFamily("glideserve_model_offloaded", "1 while the unloaded model is kept in host "
+                                      "memory (--offload-memory-gb)", labels=["model"])
+        graphs = GaugeMetricFamily("glideserve_compiled_graphs", "Graphs compiled at start-up (--compile)",
+                                   labels=["model"])
+        compile_s = GaugeMetricFamily("glideserve_compile_seconds", "Seconds the start-up compile took",
+                                      labels=["model"])
+        eager = CounterMetricFamily("glideserve_compiled_eager_calls", "Block calls that ran eager at a shape "
+                                    "not compiled at start-up", labels=["model"])
         for card in self._cards():
             name = card["name"]
             loaded.add_metric([name], 1.0 if card.get("loaded", True) else 0.0)
             weights.add_metric([name], card.get("weights_bytes") or 0)
             loads.add_metric([name], card.get("loads", 1))
             unloads.add_metric([name], card.get("unloads", 0))
-        yield from (loaded, weights, loads, unloads)
+            offloaded.add_metric([name], 1.0 if card.get("offloaded") else 0.0)
+            compiled = card.get("compiled")
+            if compiled:
+                graphs.add_metric([name], compiled["graphs"])
+                compile_s.add_metric([name], compiled["compile_s"])
+                eager.add_metric([name], compiled["eager_calls"])
+        yield from (loaded, weights, loads, unloads, offloaded, graphs, compile_s, eager)
 
 
 class CascadeCollector:

@@ -20,3 +20,7 @@ def test_compiled_server_reports_its_graphs_and_serves_within_them(tiny_model):
             assert answer.status_code == 200, answer.text
         card = httpx.get(f"{live.api}/models", timeout=30).json()["data"][0]
         assert card["compiled"]["graphs"] == 4 and card["compiled"]["eager_calls"] == 0
+        metrics = httpx.get(f"{live.url}/metrics", timeout=30).text
+        for line in ('glideserve_compiled_graphs{model="tiny"} 4.0', 'glideserve_compile_seconds{model="tiny"}',
+                     'glideserve_compiled_eager_calls_total{model="tiny"} 0.0'):
+            assert line in metrics, line
