@@ -121,6 +121,14 @@ class CompiledBlocks:
         self._warned: set[tuple] = set()
         options = {} if mode == "default" else {"mode": mode}
         self._compiled = torch.compile(fn, dynamic=False, **options)
+        self._cuda_graphs = mode == "reduce-overhead"
+
+    def begin_forward(self) -> None:
+        """Call before each denoiser forward. With CUDA graphs (``reduce-overhead``) the graphs' outputs
+        live in memory the next replay reuses; every output the loop keeps past a forward is a copy
+        (cache entries are cloned, the head runs eager), so each forward may start a new generation."""
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def __call__(self, block, *args, **kwargs):
         rows = args[0].shape[0]

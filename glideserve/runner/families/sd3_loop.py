@@ -108,6 +108,8 @@ class SD3BlockLoop:
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                  groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
         model = self.model
+        if self.compiled is not None:
+            self.compiled.begin_forward()
         height, width = latents.shape[-2:]
         hidden0 = model.pos_embed(latents).contiguous()
         temb = model.time_text_embed(timesteps, cond["pooled_projections"])

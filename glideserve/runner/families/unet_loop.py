@@ -55,6 +55,8 @@ class UNetBlockLoop:
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                  groups: list[RowGroup]) -> tuple[torch.Tensor, list[StepKind]]:
         model = self.model
+        if self.compiled is not None:
+            self.compiled.begin_forward()
         upsample_factor = 2 ** model.num_upsamplers
         forward_upsample_size = any(dim % upsample_factor != 0 for dim in latents.shape[-2:])
         sample = 2 * latents - 1.0 if model.config.center_input_sample else latents
