@@ -49,18 +49,14 @@ def make_backend(system: System, model: str | list[str], max_loaded_models: int 
                  weights_memory_gb: float | None = None, offload_memory_gb: float | None = None, **config):
     """Load ``model`` (or several ``[NAME=]PATH`` models, the first the default) into the backend of
     ``system`` (a GlideServeError explains any failure)."""
-    from glideserve.engine.model_set import ModelSource
-
-    sources = [ModelSource.parse(m) for m in ([model] if isinstance(model, str) else model)]
+    sources = model_sources(system, [model] if isinstance(model, str) else model, max_loaded_models,
+                            weights_memory_gb, offload_memory_gb)
     if system is System.glideserve:
         from glideserve import AsyncEngine
 
         return AsyncEngine.from_models(sources, max_loaded_models=max_loaded_models,
                                        weights_memory_gb=weights_memory_gb, offload_memory_gb=offload_memory_gb,
                                        **config)
-    if len(sources) > 1 or max_loaded_models is not None or weights_memory_gb is not None \
-            or offload_memory_gb is not None:
-        raise GlideServeError(f"--system {system.value} serves one model; serve several with --system glideserve")
     model = sources[0].path
     try:
         from glideserve.bench import baselines
@@ -71,6 +67,37 @@ def make_backend(system: System, model: str | list[str], max_loaded_models: int 
             f"--system {system.value} needs the module {BASELINES_MODULE}, which this installation lacks; "
             "use --system glideserve or install a glideserve build that includes the baselines") from None
     return baselines.make_backend(system.value, model, **config)
+
+
+def model_sources(system: System, models: list[str], max_loaded_models: int | None = None,
+                  weights_memory_gb: float | None = None, offload_memory_gb: float | None = None) -> list:
+    """The ModelSources of ``[NAME=]PATH`` models, checked against what ``system`` can serve (no loading)."""
+    from glideserve.engine.model_set import ModelSet, ModelSource
+
+    sources = [ModelSource.parse(m) for m in models]
+    if system is System.glideserve:
+        ModelSet(sources, max_loaded_models)  # names given twice, a wrong model count
+    elif len(sources) > 1 or max_loaded_models is not None or weights_memory_gb is not None \
+            or offload_memory_gb is not None:
+        raise GlideServeError(f"--system {system.value} serves one model; serve several with --system glideserve")
+    return sources
+
+
+def check_before_listening(system: System, models: list[str], options: dict, **model_options) -> None:
+    """What can be checked without loading (settings, model names and paths) fails before the server listens."""
+    import torch
+
+    from glideserve.models.loading import resolve_model_path
+
+    for source in model_sources(system, models, **model_options):
+        resolve_model_path(source.path)
+    if system is System.glideserve:
+        from glideserve.config import EngineConfig
+        from glideserve.engine.memory_plan import device_memory_for
+
+        config = EngineConfig.from_kwargs(**options)
+        if config.gpu_memory_fraction is not None:
+            device_memory_for(torch.device(config.device))  # planning needs a CUDA device
 
 
 def parse_drop_late_after(text: str) -> float | None:
@@ -198,7 +225,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         log_level: LogLevel = typer.Option(LogLevel.info, help="uvicorn and glideserve log level."),
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
-        from glideserve.server import ServerConfig, create_app
+        from glideserve.server import ServerConfig
+        from glideserve.server.loading import USER_ERRORS, LoadingApp
         from glideserve.server.limits import HttpLimits
         from glideserve.server.run import DrainingServer, display_url, uvicorn_config
 
@@ -242,9 +270,17 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
             if data_dir is not None and (system is not System.glideserve or cascade is not None or lora_dir is None):
                 raise ValueError("--data-dir (fine-tuning) needs --system glideserve, no --cascade, and --lora-dir "
                                  "for the adapters it produces")
+            check_before_listening(system, model, options, max_loaded_models=max_loaded_models,
+                                   weights_memory_gb=weights_memory_gb, offload_memory_gb=offload_memory_gb)
+        except (GlideServeError, ValueError, FileNotFoundError) as exc:
+            fail(getattr(exc, "message", str(exc)))
+
+        def load(progress) -> object:
+            """Runs while the server listens (LoadingApp): /ready reports ``progress`` meanwhile."""
+            extra = {"startup": progress} if system is System.glideserve else {}
             backend = make_backend(system, model, max_loaded_models=max_loaded_models,
                                    weights_memory_gb=weights_memory_gb, offload_memory_gb=offload_memory_gb,
-                                   **options)
+                                   **options, **extra)
             if data_dir is not None:
                 data_dir.mkdir(parents=True, exist_ok=True)
                 backend.attach_fine_tuning(str(data_dir))
@@ -252,12 +288,13 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                 from glideserve.cascade.serving import build_cascade_backend
 
                 backend = build_cascade_backend(backend, cascade_config, default_slo_ms)
-        except (GlideServeError, ValueError, FileNotFoundError) as exc:
-            fail(getattr(exc, "message", str(exc)))
+            return backend
+
         if api_key is None and host not in LOOPBACK_HOSTS:
             typer.secho(f"warning: listening on {host} without --api-key; anyone who can reach this port can "
                         "generate images", fg=typer.colors.YELLOW, err=True)
         server: DrainingServer | None = None
+        failures: list[BaseException] = []
 
         def announce() -> None:
             url = display_url(host, server.bound_port() or port)
@@ -265,8 +302,16 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
             typer.echo(f"glideserve: serving {names} ({system.value}) at {url}  "
                        f"(playground {url}/, API {url}/v1)", err=False)
 
-        app = create_app(backend, config, on_ready=announce)
+        def stop(exc: BaseException) -> None:
+            failures.append(exc)
+            server.should_exit = True
+
+        app = LoadingApp(load, config, on_ready=announce, on_failure=stop)
         server = DrainingServer(uvicorn_config(app, host, port, log_level.value), app)
         server.run()
+        if failures:
+            exc = failures[0]
+            user_error = isinstance(exc, USER_ERRORS)
+            fail(getattr(exc, "message", None) or str(exc) or type(exc).__name__, code=2 if user_error else 1)
         if server.started is False:
             raise typer.Exit(1)

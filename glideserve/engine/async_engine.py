@@ -17,6 +17,7 @@ from glideserve.config import EngineConfig
 from glideserve.engine.compute_thread import ComputeThread
 from glideserve.engine.core import EngineCore, StepStats
 from glideserve.engine.model_set import ModelSet, ModelSlot, ModelSource, default_model_name
+from glideserve.engine.startup import StartupProgress
 from glideserve.engine.stream import RequestStream
 from glideserve.errors import (EngineStoppedError, GlideServeError, InvalidRequestError, QueueFullError,
                                SLOUnattainableError)
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
     from glideserve.finetune.service import FineTuningService
 
 log = logging.getLogger(__name__)
-ModelLoader = Callable[[ModelSource, "LatencyProfile | None"], EngineCore]
+# (source, profile to keep or None, start-up progress or None) -> the loaded core
+ModelLoader = Callable[[ModelSource, "LatencyProfile | None", "StartupProgress | None"], EngineCore]
 
 
 @dataclass
@@ -114,13 +116,14 @@ class AsyncEngine:
                     weights_memory_gb: float | None = None, offload_memory_gb: float | None = None,
                     config: EngineConfig | None = None,
                     single_file_config: str | None = None, allow_unsafe_pickle: bool = False,
-                    **options) -> "AsyncEngine":
+                    startup: StartupProgress | None = None, **options) -> "AsyncEngine":
         """Serve several models (``[NAME=]PATH`` strings or ModelSources; the first is the default)
         under one engine loop and one EngineConfig. Each is loaded and profiled once at start-up;
         those beyond ``max_loaded_models`` or ``weights_memory_gb`` are unloaded again (least
         recently used first, the default model last) and reloaded when requested. With
         ``offload_memory_gb`` unloaded models are kept in that much host memory instead (see
-        ModelSet), and come back by a copy rather than a load from disk."""
+        ModelSet), and come back by a copy rather than a load from disk. ``startup`` follows the
+        start-up's loads (a server answers ``/ready`` with it meanwhile)."""
         if config is not None and options:
             raise TypeError("pass either config=EngineConfig(...) or keyword options, not both")
         config = config or EngineConfig.from_kwargs(**options)
@@ -129,27 +132,28 @@ class AsyncEngine:
         host = None if offload_memory_gb is None else int(offload_memory_gb * 2**30)
         model_set = ModelSet(sources, max_loaded_models, budget, host_budget_bytes=host)
 
-        def load(source: ModelSource, profile: LatencyProfile | None) -> EngineCore:
+        def load(source: ModelSource, profile: LatencyProfile | None,
+                 progress: StartupProgress | None = None) -> EngineCore:
             return EngineCore.from_pretrained(source.path, config, single_file_config=single_file_config,
                                               allow_unsafe_pickle=allow_unsafe_pickle, latency_profile=profile,
-                                              name=source.name)
+                                              name=source.name, startup=progress)
 
         compute = ComputeThread("glideserve-engine")
         engine = cls(model_set, compute, load)
         try:
-            compute.call(engine._load_all)
+            compute.call(engine._load_all, startup)
         except BaseException:
             compute.close()
             raise
         return engine
 
-    def _load_all(self) -> None:
+    def _load_all(self, startup: StartupProgress | None = None) -> None:
         """Start-up, on the compute thread: load (and profile) every model once, the default last."""
         for slot in [*self.models.slots[1:], self.models.default]:
             for victim in self.models.victims_for(slot) or []:
                 self._unload(victim)
             start = time.perf_counter()
-            core = self._loader(slot.source, None)
+            core = self._loader(slot.source, None, startup)
             self.models.installed(slot, core, time.perf_counter() - start)
             for victim in self.models.excess(keep=slot):  # its size is known only now
                 self._unload(victim)
@@ -418,7 +422,7 @@ class AsyncEngine:
                 parked.restore()
                 core = parked
             else:
-                core = self._loader(slot.source, slot.profile)
+                core = self._loader(slot.source, slot.profile, None)
         except BaseException as exc:  # handed to the loop, which fails the waiting requests
             error = exc
         with self._lock:

@@ -17,7 +17,8 @@ from glideserve.config import EngineConfig
 from glideserve.errors import InvalidRequestError, ModelLoadError
 from glideserve.engine.execution import plan_budgets, prepare_denoiser, warm_up_compiled
 from glideserve.engine.memory_plan import DeviceMemory
-from glideserve.engine.profiling import load_or_measure
+from glideserve.engine.profiling import load_or_measure, profiling_progress
+from glideserve.engine.startup import StartupProgress
 from glideserve.models.loading import load_pipeline, pipeline_weight_bytes, serving_defaults, spec_from_pipeline
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent
@@ -81,11 +82,15 @@ class EngineCore:
     @classmethod
     def from_pretrained(cls, model: str, config: EngineConfig, *, single_file_config: str | None = None,
                         allow_unsafe_pickle: bool = False, latency_profile: LatencyProfile | None = None,
-                        name: str | None = None, device_memory: DeviceMemory | None = None) -> "EngineCore":
+                        name: str | None = None, device_memory: DeviceMemory | None = None,
+                        startup: StartupProgress | None = None) -> "EngineCore":
         """Load ``model`` (served as ``name``, by default ``model`` itself); its latency profile is
         ``latency_profile`` when given (a model loaded again keeps the one it had), else cached or measured
         as ``config`` says. Execution (``glideserve.engine.execution``): quantise, size the memory budgets
-        on ``device_memory`` (default: the device's own), compile, then profile."""
+        on ``device_memory`` (default: the device's own), compile, then profile. ``startup`` (if given)
+        follows the stages."""
+        if startup is not None:
+            startup.begin("loading", name or str(model))
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         defaults = serving_defaults(model)
@@ -109,10 +114,10 @@ class EngineCore:
         samplers = SamplerFactory(spec.flow_matching, pipe.scheduler, device, denoiser_config)
         runner = ModelRunner(family, samplers, config)
         if runner.compiled is not None:
-            warm_up_compiled(runner, spec, config)
+            warm_up_compiled(runner, spec, config, startup)
         profile = latency_profile
         if profile is None and config.profile:
-            profile = load_or_measure(model, runner, spec, config)
+            profile = load_or_measure(model, runner, spec, config, progress=profiling_progress(spec.name, startup))
         return cls(runner, spec, config, profile)
 
     @classmethod

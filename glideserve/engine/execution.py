@@ -15,6 +15,7 @@ import torch
 
 from glideserve.config import EngineConfig
 from glideserve.engine.memory_plan import DeviceMemory, MemoryPlan, apply_memory_plan, device_memory_for
+from glideserve.engine.startup import StartupProgress
 from glideserve.models.spec import ModelSpec
 from glideserve.params import GenerationParams
 from glideserve.runner.families.base import DenoiserFamily
@@ -58,15 +59,21 @@ def plan_budgets(family: DenoiserFamily, spec: ModelSpec, config: EngineConfig,
     return config, plan
 
 
-def warm_up_compiled(runner, spec: ModelSpec, config: EngineConfig) -> None:
-    """Compile the runner's buckets at the profile sizes (else the model's default size), with progress."""
+def warm_up_compiled(runner, spec: ModelSpec, config: EngineConfig, startup: StartupProgress | None = None) -> None:
+    """Compile the runner's buckets at the profile sizes (else the model's default size), with progress
+    in the log and, when given, in ``startup`` (one unit per bucket and size)."""
     sizes = list(config.profile_sizes) or [(spec.default_height, spec.default_width)]
     start = time.perf_counter()
     log.info("compiling %s's blocks: %d row buckets %s x %d image sizes", spec.name, len(runner.compiled.buckets),
              list(runner.compiled.buckets.sizes), len(sizes))
+    if startup is not None:
+        startup.begin("compiling the blocks of", spec.name, total=len(runner.compiled.buckets) * len(sizes),
+                      unit="bucket shapes")
 
     def progress(done: int, total: int, message: str) -> None:
         log.info("compiled %d/%d: %s", done, total, message)
+        if startup is not None:
+            startup.advance(done, f"last: {message}")
 
     stats = runner.warm_up_compiled(sizes, progress)
     log.info("compiled %d graphs in %.1f s", stats.graphs, time.perf_counter() - start)

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from glideserve.config import EngineConfig
+from glideserve.engine.startup import StartupProgress
 from glideserve.models.loading import resolve_model_path
 from glideserve.models.spec import ModelSpec
 from glideserve.runner.profiler import measure_size
@@ -101,6 +102,19 @@ class ProfileCache:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(self._entries, fh, indent=1, sort_keys=True)
         os.replace(tmp, self.path)
+
+
+def profiling_progress(model_name: str, startup: StartupProgress | None = None) -> Callable[[str], None]:
+    """``load_or_measure``'s progress callback: the log, and ``startup``'s stage when given."""
+    if startup is not None:
+        startup.begin("profiling the latency of", model_name)
+
+    def progress(message: str) -> None:
+        log.info("profiling %s", message)
+        if startup is not None:
+            startup.note(message)
+
+    return progress
 
 
 def load_or_measure(model: str, runner: ModelRunner, spec: ModelSpec, config: EngineConfig,

@@ -38,6 +38,7 @@ class HttpMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.responses = Counter("glideserve_http_responses", "HTTP answers by route, status and error code",
                                  ["route", "status", "code"], registry=registry)
         self.open_connections = Gauge("glideserve_open_connections", "TCP connections open now", registry=registry)

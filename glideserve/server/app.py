@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, Upl
 from fastapi.responses import HTMLResponse, Response
 
 from glideserve.server import fine_tuning, images
-from glideserve.server.accounting import AccountingMiddleware, redact_access_log
+from glideserve.server.accounting import AccountingMiddleware, HttpMetrics, redact_access_log
 from glideserve.server.backend import Backend
 from glideserve.server.errors import BodyReadError, BodySizeLimitMiddleware, error_json, install_error_handlers
 from glideserve.server.images import get_state, require_api_key
@@ -27,15 +27,16 @@ log = logging.getLogger(__name__)
 
 
 def create_app(backend: Backend, config: ServerConfig = ServerConfig(),
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+               on_ready: Callable[[], None] | None = None, http_metrics: HttpMetrics | None = None) -> FastAPI:
     """An app serving ``backend``; its lifespan starts the backend and drains it at exit.
 
     Start-up starts the backend and launches the warm-up generation in the
     background, so ``/health`` answers at once and ``/ready`` turns 200 (and
     ``on_ready`` is called) once the model has produced an image. Shutdown stops
-    admitting and waits until every admitted request has finished.
+    admitting and waits until every admitted request has finished. ``http_metrics``: the
+    connection and response counters to keep (those of a server that listened while loading).
     """
-    state = ServerState(backend, config, on_ready)
+    state = ServerState(backend, config, on_ready, http_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -34,8 +34,8 @@ class ServerMetrics:
 
     def __init__(self, stats: Callable[[], object], clock: Callable[[], float] = time.monotonic,
                  model_cards: Callable[[], list[dict]] | None = None,
-                 cascade: Callable[[], dict] | None = None):
-        self.registry = CollectorRegistry()
+                 cascade: Callable[[], dict] | None = None, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
         self._clock = clock
         self._image_times: deque[float] = deque()
         r = self.registry

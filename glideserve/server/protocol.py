@@ -344,6 +344,26 @@ class HealthResponse(BaseModel):
     detail: str | None = None
 
 
+class StartupStatus(BaseModel):
+    """What a server that is still loading does: ``stage`` (loading, compiling the blocks of, profiling
+    the latency of) and ``model``; ``done`` of ``total`` ``unit`` where the stage counts them (compiled
+    bucket shapes: row buckets x image sizes), ``detail`` (the last one finished) and seconds since start-up."""
+
+    stage: str
+    model: str | None = None
+    done: int | None = None
+    total: int | None = None
+    unit: str = ""
+    detail: str = ""
+    elapsed_s: float
+
+
+class StartingResponse(ErrorResponse):
+    """``GET /ready`` (503) while the server loads its models: the ``not_ready`` error, and the progress."""
+
+    startup: StartupStatus
+
+
 def error_type_for(status: int) -> str:
     """OpenAI's error ``type`` for an HTTP status; ``code`` carries the specific reason."""
     if status >= 500:

@@ -133,14 +133,17 @@ class ServerState:
     or at shutdown) makes new generations fail with 503 while admitted ones finish.
     """
 
-    def __init__(self, backend: Backend, config: ServerConfig, on_ready: Callable[[], None] | None = None):
+    def __init__(self, backend: Backend, config: ServerConfig, on_ready: Callable[[], None] | None = None,
+                 http_metrics: HttpMetrics | None = None):
         self.backend = backend
         self.config = config
         self.model_id = config.model_id or backend.spec.name
         self.cascade = _cascade_of(backend)
+        # A server that listened while it loaded already counts connections in ``http_metrics``.
         self.metrics = ServerMetrics(backend.stats, model_cards=self.model_cards,
-                                     cascade=None if self.cascade is None else self.cascade.describe)
-        self.http_metrics = HttpMetrics(self.metrics.registry)
+                                     cascade=None if self.cascade is None else self.cascade.describe,
+                                     registry=None if http_metrics is None else http_metrics.registry)
+        self.http_metrics = http_metrics or HttpMetrics(self.metrics.registry)
         self._register_optional_metrics(backend)
         self.dashboard = None
         if config.dashboard:
