@@ -76,7 +76,7 @@ def test_fcfs_is_deadline_blind():
 def test_a_joining_candidate_that_would_make_a_member_late_is_held_back():
     sched, runner, clock = setup()
     a = add(sched, clock, "a", steps=10, slo_ms=250)  # alone 0.2 s; with b beside it 0.4 s: late
-    b = add(sched, clock, "b", steps=10)  # best effort
+    add(sched, clock, "b", steps=10)  # best effort
     finals = run_until_done(sched, runner, clock)
     assert finals["a"][1] <= a.deadline
     b_start = next(i for i, plan in enumerate(runner.plans) if "b" in plan.scheduled)

@@ -10,8 +10,8 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from glideserve.cli.errors import fail
-from glideserve.cli.execution import (AttentionOpt, CompileBucketsOpt, CompileModeOpt, CompileOpt, MemoryFractionOpt,
-                                     QuantizeOpt, execution_options)
+from glideserve.cli.execution import (AttentionOpt, CompileBucketsOpt, CompileModeOpt, CompileOpt, QuantizeOpt,
+                                     execution_options)
 from glideserve.errors import GlideServeError, InvalidRequestError
 from glideserve.params import GenerationParams, parse_size
 from glideserve.models import DEFAULT_MODEL

@@ -17,23 +17,21 @@ from glideserve.config import EngineConfig
 from glideserve.engine.compute_thread import ComputeThread
 from glideserve.engine.core import EngineCore, StepStats
 from glideserve.engine.model_set import ModelSet, ModelSlot, ModelSource, default_model_name
+from glideserve.engine.residency import ModelLoader, ModelResidency, PendingRequest
 from glideserve.engine.startup import StartupProgress
 from glideserve.engine.stream import RequestStream
-from glideserve.errors import (EngineStoppedError, GlideServeError, InvalidRequestError, QueueFullError,
+from glideserve.errors import (EngineStoppedError, InvalidRequestError, QueueFullError,
                                SLOUnattainableError)
 from glideserve.models.spec import ModelSpec
 from glideserve.outputs import EngineEvent, GenerationResult, Loading, RequestFailed
 from glideserve.params import GenerationParams, resolve_lora
 from glideserve.runner.lora import available_adapters
 from glideserve.scheduler.profile import LatencyProfile
-from glideserve.scheduler.scheduler import SchedulerCounters
 
 if TYPE_CHECKING:
     from glideserve.finetune.service import FineTuningService
 
 log = logging.getLogger(__name__)
-# (source, profile to keep or None, start-up progress or None) -> the loaded core
-ModelLoader = Callable[[ModelSource, "LatencyProfile | None", "StartupProgress | None"], EngineCore]
 
 
 @dataclass
@@ -59,15 +57,6 @@ class EngineStats:
     resumed_total: int = 0
 
 
-@dataclass
-class PendingRequest:
-    """A request admitted for a model that was not resident; it joins the model's scheduler after the load."""
-
-    params: GenerationParams
-    request_id: str
-    arrival: float
-
-
 class AsyncEngine:
     """Runs EngineCore steps of one or several models on one background thread, for asyncio callers.
 
@@ -88,13 +77,11 @@ class AsyncEngine:
     def __init__(self, models: ModelSet, compute: ComputeThread, loader: ModelLoader):
         self.models = models
         self._compute = compute
-        self._loader = loader
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._residency = ModelResidency(models, loader, self._lock, self._wake)
         self._streams: dict[str, RequestStream] = {}
         self._owner: dict[str, ModelSlot] = {}
-        self._finished_loads: list[tuple[ModelSlot, EngineCore | None, float, BaseException | None]] = []
-        self._retired = SchedulerCounters()  # counters of cores unloaded since start, and cold refusals
         self._listeners: list[Callable[[StepStats], None]] = []
         self.fine_tuning = None  # a FineTuningService once attach_fine_tuning is called
         self._loop: Future | None = None
@@ -102,7 +89,6 @@ class AsyncEngine:
         self._stop = False
         self._steps_total = 0
         self._last_step: StepStats | None = None
-        self._collect = False
 
     @classmethod
     def from_pretrained(cls, model: str, **options) -> "AsyncEngine":
@@ -148,19 +134,10 @@ class AsyncEngine:
         return engine
 
     def _load_all(self, startup: StartupProgress | None = None) -> None:
-        """Start-up, on the compute thread: load (and profile) every model once, the default last."""
-        for slot in [*self.models.slots[1:], self.models.default]:
-            for victim in self.models.victims_for(slot) or []:
-                self._unload(victim)
-            start = time.perf_counter()
-            core = self._loader(slot.source, None, startup)
-            self.models.installed(slot, core, time.perf_counter() - start)
-            for victim in self.models.excess(keep=slot):  # its size is known only now
-                self._unload(victim)
-            log.info("model %s loaded in %.2f s (%.1f MiB of weights)", slot.name, slot.load_s,
-                     slot.weights_bytes / 2**20)
+        """Start-up, on the compute thread: load (and profile) every model once."""
+        self._residency.load_all(startup)
         gc.collect()
-        self._collect = False
+        self._residency.take_collect()
 
     @property
     def core(self) -> EngineCore | None:
@@ -221,7 +198,7 @@ class AsyncEngine:
         if resolved.slo_ms is not None and slot.deadline_aware:
             predicted = slot.cold_latency_s(resolved, now)
             if predicted > resolved.slo_ms / 1000 * (1 - config.scheduler.admission_margin):
-                self._retired.refused += 1
+                self._residency.retired.refused += 1
                 raise SLOUnattainableError(
                     f"the request cannot finish within its SLO: model {slot.name} must be loaded first "
                     f"(predicted latency {predicted:.2f} s); retry with a longer slo_ms",
@@ -288,7 +265,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         with self._lock:
             cores = [slot.core for slot in self.models.loaded()]
-            counters = [self._retired, *(core.scheduler.counters for core in cores)]
+            counters = [self._residency.retired, *(core.scheduler.counters for core in cores)]
             last = self._last_step
             return EngineStats(
                 sum(c.scheduler.num_waiting for c in cores) + sum(len(s.pending) for s in self.models.slots),
@@ -328,10 +305,10 @@ class AsyncEngine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                events = self._install_loads() + self._start_loads()
+                events = self._residency.install_loads() + self._residency.start_loads()
                 slot = self.models.next_to_step()
                 busy = slot is not None or any(self._needed(s) for s in self.models.slots)
-                collect, self._collect = self._collect, False
+                collect = self._residency.take_collect()
             if collect:  # after an unload, outside the lock: module graphs hold reference cycles
                 gc.collect()
             self._dispatch(events)
@@ -391,80 +368,6 @@ class AsyncEngine:
                     listener(core.last_step)
                 except Exception:
                     log.exception("step listener failed")
-
-    def _start_loads(self) -> list[EngineEvent]:
-        """Begin loading models that requests wait for, unloading idle ones to make room (lock held)."""
-        events: list[EngineEvent] = []
-        for slot in self.models.to_load():
-            victims = self.models.victims_for(slot)
-            if victims is None:
-                continue  # every resident model is busy: wait for one to go idle
-            for victim in victims:
-                self._unload(victim)
-            self.models.begin_load(slot, time.monotonic())
-            log.info("loading model %s for %d waiting request(s)", slot.name, len(slot.pending))
-            try:
-                # A short-lived thread, so the resident models keep stepping; its OpenMP pool dies with it.
-                threading.Thread(target=self._load_in_background, args=(slot, self.models.unpark(slot)),
-                                 name=f"glideserve-load-{slot.name}", daemon=True).start()
-            except RuntimeError as exc:  # no thread to be had: fail the waiting requests, not the loop
-                self.models.load_failed(slot)
-                pending, slot.pending = slot.pending, []
-                events += [RequestFailed(p.request_id, "error", f"loading model {slot.name} failed: {exc}")
-                           for p in pending]
-        return events
-
-    def _load_in_background(self, slot: ModelSlot, parked: EngineCore | None = None) -> None:
-        start = time.perf_counter()
-        core, error = None, None
-        try:
-            if parked is not None:
-                parked.restore()
-                core = parked
-            else:
-                core = self._loader(slot.source, slot.profile, None)
-        except BaseException as exc:  # handed to the loop, which fails the waiting requests
-            error = exc
-        with self._lock:
-            self._finished_loads.append((slot, core, time.perf_counter() - start, error))
-        self._wake.set()
-
-    def _install_loads(self) -> list[EngineEvent]:
-        """Make finished loads resident and hand their waiting requests to their schedulers (lock held)."""
-        events: list[EngineEvent] = []
-        for slot, core, seconds, error in self._finished_loads:
-            pending, slot.pending = slot.pending, []
-            if error is not None:
-                self.models.load_failed(slot)
-                log.error("loading model %s failed: %s", slot.name, error)
-                events += [RequestFailed(p.request_id, "error", f"loading model {slot.name} failed: {error}")
-                           for p in pending]
-                continue
-            self.models.installed(slot, core, seconds)
-            log.info("model %s loaded in %.2f s", slot.name, seconds)
-            for p in pending:
-                try:
-                    core.add_request(p.params, p.request_id, arrival_time=p.arrival)
-                except GlideServeError as exc:
-                    events.append(RequestFailed(p.request_id, exc.code, exc.message, error=exc))
-                except Exception as exc:  # a bug fails this request, not the loop and every model with it
-                    log.exception("admitting %s after the load of %s failed", p.request_id, slot.name)
-                    events.append(RequestFailed(p.request_id, "error", f"internal engine error: {exc}"))
-        self._finished_loads.clear()
-        return events
-
-    def _unload(self, slot: ModelSlot) -> None:
-        counters = slot.core.scheduler.counters
-        for name in ("refused", "dropped", "held_back", "preempted", "resumed"):
-            setattr(self._retired, name, getattr(self._retired, name) + getattr(counters, name))
-        core = slot.core
-        self.models.unload(slot)
-        self._collect = True  # the loop collects once the lock is released
-        if slot.parked is core:  # host memory has room: a copy back, not a load from disk, when needed again
-            core.offload()
-            log.info("offloaded model %s (least recently used, idle) to host memory", slot.name)
-        else:
-            log.info("unloaded model %s (least recently used, idle) to stay within the weights budget", slot.name)
 
     def _fail_all(self, slot: ModelSlot, message: str) -> list[EngineEvent]:
         with self._lock:
