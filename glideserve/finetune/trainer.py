@@ -24,7 +24,8 @@ from torch import nn
 
 from glideserve.errors import InvalidRequestError
 from glideserve.finetune.dataset import Pair, check_name
-from glideserve.runner.lora import TARGETABLE_SUFFIXES, RowLoRALinear
+from glideserve.runner.lora import RowLoRALinear
+from glideserve.runner.lora_files import TARGETABLE_SUFFIXES
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 MAX_STEPS = 100_000

@@ -17,7 +17,8 @@ from glideserve.runner.encode import PromptEncoder
 from glideserve.runner.families.base import DenoiserFamily
 from glideserve.runner.feature_cache import FeatureCache, RowGroup
 from glideserve.runner.latent_aware import latent_aware_step
-from glideserve.runner.lora import TEXT_ENCODERS, LoraStore, install_row_lora, targetable_linear_paths
+from glideserve.runner.lora import LoraStore, install_row_lora, targetable_linear_paths
+from glideserve.runner.lora_files import TEXT_ENCODERS
 from glideserve.runner.precision import attention_scope
 from glideserve.runner.samplers import SamplerFactory
 from glideserve.scheduler.output import (DecodeTiming, FinishedImage, GroupTiming, NewRequestData, RunnerOutput,

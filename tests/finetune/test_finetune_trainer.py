@@ -12,7 +12,7 @@ from glideserve.engine.core import EngineCore  # noqa: E402
 from glideserve.finetune.dataset import read_pairs  # noqa: E402
 from glideserve.finetune.trainer import FineTuneConfig, LoRATrainer  # noqa: E402
 from glideserve.models.loading import resolve_model_path  # noqa: E402
-from glideserve.runner.lora import read_lora_file  # noqa: E402
+from glideserve.runner.lora_files import read_lora_file  # noqa: E402
 from glideserve.toy.concept import write_concept_dataset  # noqa: E402
 
 
