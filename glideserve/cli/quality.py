@@ -95,6 +95,7 @@ def eval_quality(
     """
     from glideserve.bench import quality
     from glideserve.bench.loadgen import read_prompts
+    from glideserve.bench.reference_free import ReferenceFreeMetrics
     from glideserve.params import parse_size
 
     systems = list(dict.fromkeys(system or [quality.ENGINE_SYSTEM]))
@@ -120,7 +121,7 @@ def eval_quality(
             cases = quality.toy_cases(DEFAULT_TOY_CAPTIONS if toy_captions is None else toy_captions, seeds)
         hw = parse_size(size) if size is not None else None
         # Load the optional metric weights before generating anything, so a bad path fails at once.
-        metrics = quality.ReferenceFreeMetrics(clip_model, fid_weights)
+        metrics = ReferenceFreeMetrics(clip_model, fid_weights)
         execution = execution_options(compile, "default", compile_buckets, attention, quantize)
         generators = {name: quality.system_generator(
             name, model, **config, **(execution if name == quality.ENGINE_SYSTEM else {})) for name in systems}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from glideserve.bench import quality
+from glideserve.bench import quality, reference_free
 from glideserve.errors import ModelLoadError
 
 SIDE = 32
@@ -109,10 +109,10 @@ def test_systems_match_the_exact_reference_end_to_end(cli, tiny_sd3_dir, tmp_pat
                  "--toy-captions", "3", "--steps", "2", "--size", f"{SIDE}x{SIDE}", "--json", str(out),
                  "--out-dir", str(tmp_path / "images"), "--no-progress")
     assert result.exit_code == 0, result.output
-    assert quality.CLIP_SKIPPED in result.output and quality.FID_SKIPPED in result.output
+    assert reference_free.CLIP_SKIPPED in result.output and reference_free.FID_SKIPPED in result.output
     report = json.loads(out.read_text())
     assert [s["system"] for s in report["systems"]] == ["glideserve", "diffusers-sequential"]
-    assert report["notes"] == {"clip_score": quality.CLIP_SKIPPED, "fid": quality.FID_SKIPPED}
+    assert report["notes"] == {"clip_score": reference_free.CLIP_SKIPPED, "fid": reference_free.FID_SKIPPED}
     assert report["reference"]["judge_accuracy"] is not None and len(report["reference"]["images"]) == 3
     for system in report["systems"]:
         assert system["num_images"] == 3 and system["ssim"] >= 0.99
@@ -165,8 +165,8 @@ def test_a_perturbed_system_scores_lower(tiny_sd3_dir):
 def test_clip_score_from_a_local_folder_matches_the_embedding_cosine(tiny_clip_dir):
     from transformers import CLIPModel, CLIPProcessor
 
-    metrics = quality.ReferenceFreeMetrics(clip_model=tiny_clip_dir)
-    assert "clip_score" not in metrics.notes and metrics.notes["fid"] == quality.FID_SKIPPED
+    metrics = reference_free.ReferenceFreeMetrics(clip_model=tiny_clip_dir)
+    assert "clip_score" not in metrics.notes and metrics.notes["fid"] == reference_free.FID_SKIPPED
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)) for _ in range(3)]
     prompts = ["a red circle", "a blue square on a green background", "a photo of a cat"]
@@ -201,7 +201,7 @@ def test_fid_without_its_library_says_what_to_install(tmp_path):
     weights = tmp_path / "inception.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
     with pytest.raises(ModelLoadError, match="pip install torch-fidelity"):
-        quality.ReferenceFreeMetrics(fid_weights=weights)
+        reference_free.ReferenceFreeMetrics(fid_weights=weights)
 
 
 def test_bad_options_are_refused(cli, tiny_sd3_dir, tmp_path):
