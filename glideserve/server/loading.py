@@ -74,7 +74,8 @@ class LoadingApp:
                  on_failure: Callable[[BaseException], None] | None = None):
         self.progress = StartupProgress()
         self.state = State()
-        self.state.server = LoadingState(config, self.progress)
+        self._loading = LoadingState(config, self.progress)  # what the starting routes read, whatever state.server is
+        self.state.server = self._loading
         self.app: FastAPI | None = None
         self._load, self._config, self._on_ready, self._on_failure = load, config, on_ready, on_failure
         self._served_lifespan: contextlib.AbstractAsyncContextManager | None = None
@@ -104,7 +105,7 @@ class LoadingApp:
                 await self._served_lifespan.__aexit__(None, None, None)
 
     async def _load_and_serve(self) -> None:
-        loading: LoadingState = self.state.server
+        loading = self._loading
         try:
             await self._serve(await self._load_on_thread(), loading)
         except asyncio.CancelledError:
@@ -124,6 +125,7 @@ class LoadingApp:
         from glideserve.server.app import create_app
 
         app = create_app(backend, self._config, self._on_ready, http_metrics=loading.http_metrics)
+        self.progress.begin("starting the engine loop")
         self.state.server = app.state.server  # before its lifespan: without warm-up that calls on_ready
         served = app.router.lifespan_context(app)
         await served.__aenter__()
@@ -154,7 +156,7 @@ class LoadingApp:
         return JSONResponse(HealthResponse(status="ok").model_dump(exclude_none=True))
 
     async def _ready(self, request: Request) -> JSONResponse:
-        loading: LoadingState = self.state.server
+        loading = self._loading
         if loading.load_error is not None:
             body = error_response_body(503, f"start-up failed: {loading.load_error}", None, "load_failed")
             return JSONResponse(body, status_code=503)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -109,3 +110,41 @@ def test_a_shutdown_signal_during_the_load_stops_the_server_at_once():
     live.thread.join(timeout=30)
     assert not live.thread.is_alive() and time.monotonic() - start < 15
     never.set()
+
+
+class SlowStartBackend:
+    """A real backend whose ``start`` waits for ``gate``: the moment between the load and serving."""
+
+    def __init__(self, backend, gate: threading.Event):
+        self._backend, self._gate = backend, gate
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._gate.wait, 60)
+        await self._backend.start()
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_ready_answers_503_while_the_loaded_backend_starts(tiny_model):
+    from glideserve.cli.serve import System, make_backend
+
+    gate = threading.Event()
+
+    def load(progress: StartupProgress):
+        backend = make_backend(System.glideserve, str(tiny_model), max_image_side=128, startup=progress)
+        return SlowStartBackend(backend, gate)
+
+    with LoadingServer(load) as live:
+        deadline = time.monotonic() + 60
+        while live.app.app is None and time.monotonic() < deadline:  # loaded, its lifespan not entered yet
+            ready = httpx.get(f"{live.url}/ready", timeout=5)
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready", ready.text
+            if ready.json()["startup"]["stage"] == "starting the engine loop":
+                break
+            time.sleep(0.05)
+        assert ready.json()["startup"]["stage"] == "starting the engine loop"
+        assert httpx.post(f"{live.url}/v1/images/generations", json={"prompt": "a cat"}, timeout=5).status_code == 503
+        gate.set()
+        wait_ready(live.url)
+        assert live.ready.is_set() and not live.failures
