@@ -226,7 +226,7 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
     ) -> None:
         """Serve POST /v1/images/generations (OpenAI-compatible), /metrics, and a playground at /."""
         from glideserve.server import ServerConfig
-        from glideserve.server.loading import USER_ERRORS, LoadingApp
+        from glideserve.server.loading import USER_ERRORS, LoadingApp, failure_message
         from glideserve.server.limits import HttpLimits
         from glideserve.server.run import DrainingServer, display_url, uvicorn_config
 
@@ -272,8 +272,8 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
                                  "for the adapters it produces")
             check_before_listening(system, model, options, max_loaded_models=max_loaded_models,
                                    weights_memory_gb=weights_memory_gb, offload_memory_gb=offload_memory_gb)
-        except (GlideServeError, ValueError, FileNotFoundError) as exc:
-            fail(getattr(exc, "message", str(exc)))
+        except USER_ERRORS as exc:
+            fail(failure_message(exc))
 
         def load(progress) -> object:
             """Runs while the server listens (LoadingApp): /ready reports ``progress`` meanwhile."""
@@ -310,8 +310,6 @@ def register(app: typer.Typer, eval_app: typer.Typer, bench_app: typer.Typer) ->
         server = DrainingServer(uvicorn_config(app, host, port, log_level.value), app)
         server.run()
         if failures:
-            exc = failures[0]
-            user_error = isinstance(exc, USER_ERRORS)
-            fail(getattr(exc, "message", None) or str(exc) or type(exc).__name__, code=2 if user_error else 1)
+            fail(failure_message(failures[0]), code=2 if isinstance(failures[0], USER_ERRORS) else 1)
         if server.started is False:
             raise typer.Exit(1)

@@ -31,6 +31,11 @@ USER_ERRORS = (GlideServeError, ValueError, FileNotFoundError)
 BackendLoader = Callable[[StartupProgress], Backend]
 
 
+def failure_message(exc: BaseException) -> str:
+    """One line saying why start-up failed: a GlideServeError's message, else the exception's text or type."""
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
+
+
 class LoadingState:
     """What the uvicorn runner needs of a server's state before the backend exists.
 
@@ -38,11 +43,8 @@ class LoadingState:
     app, so ``/metrics`` later includes them. A drain while loading has nothing to wait for.
     """
 
-    ready = False
-
-    def __init__(self, config: ServerConfig, progress: StartupProgress):
+    def __init__(self, config: ServerConfig):
         self.config = config
-        self.progress = progress
         self.http_metrics = HttpMetrics(CollectorRegistry())
         self.draining = False
         self.load_error: str | None = None
@@ -74,7 +76,7 @@ class LoadingApp:
                  on_failure: Callable[[BaseException], None] | None = None):
         self.progress = StartupProgress()
         self.state = State()
-        self._loading = LoadingState(config, self.progress)  # what the starting routes read, whatever state.server is
+        self._loading = LoadingState(config)  # what the starting routes read, whatever state.server is
         self.state.server = self._loading
         self.app: FastAPI | None = None
         self._load, self._config, self._on_ready, self._on_failure = load, config, on_ready, on_failure
@@ -107,12 +109,12 @@ class LoadingApp:
     async def _load_and_serve(self) -> None:
         loading = self._loading
         try:
-            await self._serve(await self._load_on_thread(), loading)
+            await self._serve(await self._load_on_thread())
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             self.state.server = loading
-            loading.load_error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            loading.load_error = failure_message(exc)
             if isinstance(exc, USER_ERRORS):
                 log.error("start-up failed: %s", loading.load_error)
             else:
@@ -120,11 +122,11 @@ class LoadingApp:
             if self._on_failure is not None:
                 self._on_failure(exc)
 
-    async def _serve(self, backend: Backend, loading: LoadingState) -> None:
+    async def _serve(self, backend: Backend) -> None:
         """Start the served app's lifespan (the backend, its warm-up), then route every request to it."""
         from glideserve.server.app import create_app
 
-        app = create_app(backend, self._config, self._on_ready, http_metrics=loading.http_metrics)
+        app = create_app(backend, self._config, self._on_ready, http_metrics=self._loading.http_metrics)
         self.progress.begin("starting the engine loop")
         self.state.server = app.state.server  # before its lifespan: without warm-up that calls on_ready
         served = app.router.lifespan_context(app)
